@@ -1,0 +1,254 @@
+"""One typed configuration tree: YAML values, dotted overrides (`train.lr=1e-5`), validated on construction.
+
+YAML holds values only; nothing in it names code to import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from .errors import CaptuneError
+from .model import DEFAULT_MODEL
+
+
+@dataclass
+class DataConfig:
+    """Where the images and captions come from and how captions are tokenised."""
+
+    path: str = ""
+    """Dataset location: an image folder with metadata.jsonl/metadata.csv (or train/ and validation/ subfolders)."""
+    val_split: float = 0.0
+    """Fraction of training images held out for validation when the data has no validation folder (0 = none)."""
+    max_caption_tokens: int = 40
+    """Captions are truncated to this many tokens, special tokens and prompt included (40 as the original BLIP)."""
+    prompt: str = ""
+    """Text every caption starts with, masked out of the loss and stripped from generated captions."""
+    num_workers: int = 2
+    """DataLoader worker processes decoding and resizing images (0 = in the main process)."""
+    max_val_images: int = 0
+    """Evaluate on at most this many validation images during training (0 = all)."""
+
+    def __post_init__(self):
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"data.val_split must be in [0, 1), got {self.val_split}")
+        if self.max_caption_tokens < 3:
+            raise ValueError(f"data.max_caption_tokens must be >= 3 ([DEC], a word, [SEP]), got {self.max_caption_tokens}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class ModelConfig:
+    """Which BLIP to start from."""
+
+    name: str = DEFAULT_MODEL
+    """A hub id, a local save_pretrained directory, or `tiny` (small random BLIP for CPU runs and tests)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, linear warmup then cosine decay, accumulation and clipping."""
+
+    epochs: int = 5
+    """Passes over the training pairs."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = run all epochs)."""
+    batch_size: int = 16
+    """Image-caption pairs per process per forward pass."""
+    grad_accum: int = 1
+    """Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes)."""
+    lr: float = 1e-5
+    """Peak learning rate (BLIP's caption fine-tuning used 1e-5 at batch 256; small data often wants 2e-5 to 5e-5)."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay (0.05 as the original); never applied to biases and norm weights."""
+    warmup_ratio: float = 0.05
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to this fraction of the peak learning rate."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    label_smoothing: float = 0.1
+    """Label smoothing of the caption loss (0.1 as the original BLIP; transformers' default is 0)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto` = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (bf16 autocast is slower on most CPUs)."""
+    seed: int = 42
+    """Seeds model init (tiny), data order and dropout."""
+    eval_every_steps: int = 0
+    """Also validate every N optimizer steps (0 = only at epoch ends)."""
+    log_every_steps: int = 10
+    """Write a training line to metrics.jsonl every N optimizer steps."""
+    best_metric: str = "cider"
+    """Validation metric that picks best/ (higher is better); `cider+bleu_4` sums the two, as the BLIP recipe."""
+
+    def __post_init__(self):
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ValueError("train.epochs or train.max_steps must be >= 1")
+        for name in ("batch_size", "grad_accum", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_steps < 0 or self.eval_every_steps < 0:
+            raise ValueError("train.max_steps and train.eval_every_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """How validation captions are generated."""
+
+    num_beams: int = 3
+    """Beam width (1 = greedy). The BLIP paper used 3."""
+    max_new_tokens: int = 20
+    """Longest caption, in tokens after the prompt (20 as the BLIP paper)."""
+    min_new_tokens: int = 5
+    """Shortest caption, in tokens after the prompt (5 as the BLIP paper; use 0 for short captions)."""
+    batch_size: int = 32
+    """Images per generation batch."""
+
+    def __post_init__(self):
+        if self.num_beams < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.num_beams, eval.batch_size and eval.max_new_tokens must be >= 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"eval.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+
+
+@dataclass
+class Config:
+    """Everything a training run needs; written resolved to RUN/config.yaml."""
+
+    output: str = "runs/captune"
+    """Run directory (created)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict, cls=Config, where: str = ""):
+    """Build a (nested) config dataclass from plain values, rejecting unknown keys and wrong types.
+
+    Raises:
+        CaptuneError: unknown key, wrong type or invalid value, naming the dotted key.
+    """
+    if not isinstance(values, dict):
+        raise CaptuneError(f"config{' ' + where if where else ''}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{where}.{key}" if where else key
+        if key not in known:
+            raise CaptuneError(f"unknown config key '{dotted}' (known: {', '.join(sorted(known))})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(value or {}, kind, dotted)
+        else:
+            kwargs[key] = _coerce(value, kind, dotted)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise CaptuneError(f"invalid config: {exc}") from exc
+
+
+def _coerce(value, kind, dotted: str):
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            raise CaptuneError(f"{dotted} must be one of {', '.join(map(str, typing.get_args(kind)))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], dotted)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise CaptuneError(f"{dotted} must be true or false, got {value!r}")
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise CaptuneError(f"{dotted} must be {kind.__name__}, got {value!r}")
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """Apply `a.b=value` (value parsed as YAML) to a nested dict in place."""
+    if "=" not in assignment:
+        raise CaptuneError(f"override {assignment!r} must look like section.key=value (e.g. train.lr=1e-5)")
+    key, raw = assignment.split("=", 1)
+    value = _parse_scalar(raw)
+    node = values
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise CaptuneError(f"override {assignment!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_scalar(raw: str):
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML 1.1 reads 1e-5 as a string; people write learning rates that way.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Load a YAML recipe (optional), apply overrides, validate.
+
+    Args:
+        path: YAML file with any subset of the config tree.
+        overrides: dotted assignments (`train.lr=1e-5`) or a nested dict, applied after the file.
+
+    Raises:
+        CaptuneError: missing or malformed file, unknown keys, invalid values.
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CaptuneError(f"config file {path} not found")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise CaptuneError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(values, dict):
+            raise CaptuneError(f"config file {path} must hold a mapping of sections (data, model, train, eval)")
+    if isinstance(overrides, dict):
+        _merge(values, overrides)
+    else:
+        for assignment in overrides or []:
+            apply_override(values, assignment)
+    return from_dict(values)
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

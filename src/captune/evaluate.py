@@ -1,0 +1,94 @@
+"""Generate captions over a dataset (on every process, gathered) and score them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data.collate import CaptionImages, ImageCollator
+from .data.records import CaptionSample
+from .generate import GenerationOptions, caption_pixels
+from .metrics import score
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    predictions: list[dict]
+    """One record per image: id, prediction, references."""
+
+
+def predict(
+    model,
+    processor,
+    samples: list[CaptionSample],
+    options: GenerationOptions,
+    *,
+    accelerator=None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    desc: str = "captioning",
+) -> list[str]:
+    """Caption every sample's image; with an Accelerator, each process takes a shard and results are gathered.
+
+    Returns:
+        Captions in the order of `samples` (identical on every process).
+    """
+    loader = DataLoader(
+        CaptionImages(samples), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        collate_fn=ImageCollator(processor),
+    )
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader, device_placement=True)
+        model = accelerator.unwrap_model(model)
+        show = accelerator.is_local_main_process
+    else:
+        show = True
+    was_training = model.training
+    model.eval()
+    found: dict[int, str] = {}
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not show, leave=False) as bar:
+        for batch in loader:
+            captions = caption_pixels(model, processor.tokenizer, batch["pixel_values"], options)
+            pairs = list(zip(batch["index"].tolist(), captions))
+            if accelerator is not None:
+                # gather_for_metrics drops the samples the sampler repeated to even out the last batch.
+                pairs = accelerator.gather_for_metrics(pairs, use_gather_object=True)
+            found.update(pairs)
+            bar.update(len(pairs))
+    model.train(was_training)
+    missing = [i for i in range(len(samples)) if i not in found]
+    if missing:
+        raise RuntimeError(f"evaluation lost {len(missing)} images (first index {missing[0]})")
+    return [found[i] for i in range(len(samples))]
+
+
+def evaluate(model, processor, samples: list[CaptionSample], options: GenerationOptions, **kwargs) -> EvalResult:
+    """Caption `samples` and score against all their captions. Keyword arguments go to `predict`."""
+    captions = predict(model, processor, samples, options, **kwargs)
+    predictions = {s.id: c for s, c in zip(samples, captions)}
+    references = {s.id: list(s.captions) for s in samples}
+    metrics = score(predictions, references)
+    records = [{"id": s.id, "prediction": c, "references": list(s.captions)} for s, c in zip(samples, captions)]
+    return EvalResult(metrics=metrics, predictions=records)
+
+
+def write_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Write records one JSON object a line, atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def write_json(path: str | Path, value) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,86 @@
+"""Caption generation shared by evaluation, the `caption` command, the server and the demo."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How captions are decoded.
+
+    Attributes:
+        num_beams: 1 decodes greedily; more runs beam search (the BLIP paper used 3).
+        max_new_tokens: caption length cap, in tokens after the prompt.
+        min_new_tokens: caption length floor, in tokens after the prompt (the BLIP paper used 5).
+        prompt: text the caption starts with (must match training); stripped from the returned captions.
+        do_sample: nucleus sampling instead of greedy/beam search.
+        top_p: nucleus mass when sampling.
+        temperature: softmax temperature when sampling.
+        repetition_penalty: >1 discourages repeated tokens.
+    """
+
+    num_beams: int = 1
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    prompt: str = ""
+    do_sample: bool = False
+    top_p: float = 0.9
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1 or self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
+                f"got min {self.min_new_tokens}, max {self.max_new_tokens}"
+            )
+
+    def generate_kwargs(self) -> dict:
+        kwargs = asdict(self)
+        kwargs.pop("prompt")
+        if not self.do_sample:
+            kwargs.pop("top_p")
+            kwargs.pop("temperature")
+        return kwargs
+
+
+@torch.inference_mode()
+def caption_pixels(model, tokenizer, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]:
+    """Caption a batch of preprocessed images.
+
+    Args:
+        model: a `BlipForConditionalGeneration` (unwrapped, not a DDP wrapper).
+        tokenizer: the BLIP tokenizer of its processor.
+        pixel_values: (batch, 3, H, W) as the image processor returns them.
+        options: decoding options.
+
+    Returns:
+        One caption per image, prompt removed, special tokens skipped.
+    """
+    parameter = next(model.parameters())
+    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
+    batch = pixel_values.shape[0]
+    if options.prompt:
+        # generate() swaps the leading [CLS] for bos [DEC] and drops the trailing [SEP], as in training.
+        ids = tokenizer([options.prompt] * batch, return_tensors="pt")["input_ids"].to(parameter.device)
+        prompt_positions = ids.shape[1] - 1
+    else:
+        ids, prompt_positions = None, 1  # generate() starts from [DEC] alone
+    output = model.generate(pixel_values=pixel_values, input_ids=ids, **options.generate_kwargs())
+    return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_positions:], skip_special_tokens=True)]
+
+
+def caption_images(model, processor, images: list[Image.Image], options: GenerationOptions, batch_size: int = 16) -> list[str]:
+    """Caption PIL images (converted to RGB) in batches of `batch_size`."""
+    captions: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
+        pixel_values = processor.image_processor(chunk, return_tensors="pt")["pixel_values"]
+        captions.extend(caption_pixels(model, processor.tokenizer, pixel_values, options))
+    return captions

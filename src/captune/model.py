@@ -1,0 +1,151 @@
+"""Load a BLIP captioner and its processor: a hub id, a local directory, or the `tiny` preset."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipProcessor,
+)
+
+from .errors import CaptuneError
+
+log = logging.getLogger("captune")
+
+TINY = "tiny"
+DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
+TINY_IMAGE_SIZE = 64
+
+
+def vocab_path() -> Path:
+    """The BERT-uncased WordPiece vocabulary (30,522 tokens) that BLIP's tokenizer is built on."""
+    return Path(str(resources.files("captune") / "assets" / "bert-base-uncased-vocab.txt"))
+
+
+def blip_tokenizer() -> BertTokenizer:
+    """BLIP's tokenizer layout: BERT-uncased plus bos `[DEC]` (id 30522) and `[ENC]` (id 30523).
+
+    Built with the slow-tokenizer constructor on purpose: `BertTokenizerFast(vocab_file=...)` silently builds a
+    5-token vocabulary.
+    """
+    tokenizer = BertTokenizer(
+        str(vocab_path()),
+        do_lower_case=True,
+        bos_token="[DEC]",
+        additional_special_tokens=["[ENC]"],
+        model_max_length=512,
+    )
+    assert len(tokenizer) == 30524 and tokenizer.bos_token_id == 30522, "BLIP vocabulary layout changed"
+    return tokenizer
+
+
+def image_processor(size: int):
+    """BLIP's image processor (bicubic resize, CLIP mean/std); the PIL backend where torchvision is absent."""
+    try:
+        import torchvision  # noqa: F401
+        from transformers import BlipImageProcessor as Processor
+    except Exception:  # torchvision missing or unusable next to this torch build
+        from transformers import BlipImageProcessorPil as Processor
+    return Processor(size={"height": size, "width": size})
+
+
+def tiny_config() -> BlipConfig:
+    """A small BLIP: 4-layer 64x64-px ViT and a 2-layer text decoder, real BLIP vocabulary and special ids."""
+    vision = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=TINY_IMAGE_SIZE,
+        patch_size=8,
+        # BlipVisionConfig defaults to 1e-10, which leaves the ViT nearly constant; the real checkpoint uses 0.02.
+        initializer_range=0.02,
+    )
+    text = dict(
+        vocab_size=30524,
+        hidden_size=128,
+        encoder_hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=30522,
+        pad_token_id=0,
+        sep_token_id=102,
+        eos_token_id=2,
+        initializer_range=0.02,
+    )
+    return BlipConfig(vision_config=vision, text_config=text, projection_dim=128, initializer_range=0.02)
+
+
+def load_model_and_processor(name: str, *, seed: int = 0) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+    """Load model and processor.
+
+    Args:
+        name: `tiny`, a local directory written by `save_pretrained`, or a Hugging Face hub id.
+        seed: seeds the random initialisation of the `tiny` preset.
+
+    Raises:
+        CaptuneError: the directory is not a BLIP model, or the hub id cannot be fetched (offline or unknown).
+    """
+    if name == TINY:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = BlipForConditionalGeneration(tiny_config())
+        processor = BlipProcessor(image_processor=image_processor(TINY_IMAGE_SIZE), tokenizer=blip_tokenizer())
+        return model, processor
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CaptuneError(
+                f"model directory {path} has no config.json: pass a directory written by save_pretrained "
+                "(e.g. RUN/best), a hub id, or --model tiny"
+            )
+        return _from_pretrained(str(path), local_files_only=True)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CaptuneError(f"model directory {name} does not exist: check the path, or pass a hub id or --model tiny")
+    return _from_pretrained(name, local_files_only=False)
+
+
+def _from_pretrained(name: str, local_files_only: bool):
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(name, local_files_only=local_files_only)
+        processor = BlipProcessor.from_pretrained(name, local_files_only=local_files_only)
+    except OSError as exc:
+        where = "" if local_files_only else (
+            " (no network access to the Hugging Face Hub, or no such model id; "
+            "pass a local directory written by save_pretrained, or --model tiny)"
+        )
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptuneError(f"cannot load model '{name}'{where}: {first_line}") from exc
+    if not isinstance(processor, BlipProcessor):
+        raise CaptuneError(f"'{name}' does not carry a BLIP processor; captune fine-tunes BlipForConditionalGeneration")
+    return model, processor
+
+
+SETTINGS_FILE = "captune.json"
+
+
+def load_captune_settings(name: str) -> dict:
+    """What captune recorded beside a saved model (prompt, generation options); empty for other models."""
+    path = Path(name).expanduser() / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CaptuneError(f"{path} is unreadable ({exc}): delete it or rewrite it as JSON") from exc
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """Return (trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
