@@ -67,12 +67,16 @@ def predict(
     return [found[i] for i in range(len(samples))]
 
 
-def evaluate(model, processor, samples: list[CaptionSample], options: GenerationOptions, **kwargs) -> EvalResult:
-    """Caption `samples` and score against all their captions. Keyword arguments go to `predict`."""
+def evaluate(model, processor, samples: list[CaptionSample], options: GenerationOptions, *, meteor: bool = True,
+             **kwargs) -> EvalResult:
+    """Caption `samples` and score against all their captions (METEOR skipped when `meteor` is False).
+
+    Keyword arguments go to `predict`.
+    """
     captions = predict(model, processor, samples, options, **kwargs)
     predictions = {s.id: c for s, c in zip(samples, captions)}
     references = {s.id: list(s.captions) for s in samples}
-    metrics = score(predictions, references)
+    metrics = score(predictions, references, meteor=meteor)
     records = [{"id": s.id, "prediction": c, "references": list(s.captions)} for s, c in zip(samples, captions)]
     return EvalResult(metrics=metrics, predictions=records)
 

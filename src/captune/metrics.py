@@ -96,7 +96,7 @@ def normalize_caption(text: str) -> str:
 
 
 def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_java: bool | None = None,
-          per_item: bool = False) -> dict:
+          per_item: bool = False, meteor: bool = True) -> dict:
     """Score captions against references with pycocoevalcap's scorers (see the module docstring).
 
     CIDEr is pycocoevalcap's CIDEr-D with document frequencies computed from the references being scored
@@ -109,6 +109,8 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
         use_java: True requires Java (PTB tokeniser and METEOR), False never uses it, None uses it when
             `java` is on PATH.
         per_item: also return per-image CIDEr and BLEU-4.
+        meteor: False skips METEOR (value None): its Java process takes ~10 s to load its paraphrase table, too
+            slow for every validation during training.
 
     Returns:
         bleu_1..bleu_4, meteor (None without Java), rouge_l, cider, exact_match as floats on pycocoevalcap's
@@ -150,7 +152,7 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
     rouge, _ = Rouge().compute_score(gts, res)
     cider, cider_items = Cider().compute_score(gts, res)
     result = {f"bleu_{n + 1}": float(bleu[n]) for n in range(4)}
-    result["meteor"] = _meteor_score(gts, res) if use_java else None
+    result["meteor"] = _meteor_score(gts, res) if use_java and meteor else None
     result.update(rouge_l=float(rouge), cider=float(cider), exact_match=exact / len(ids))
     spice = _spice_score(gts, res) if use_java else None
     if spice is not None:

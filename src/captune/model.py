@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import (
@@ -111,7 +114,28 @@ def load_model_and_processor(name: str, *, seed: int = 0) -> tuple[BlipForCondit
         return _from_pretrained(str(path), local_files_only=True)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise CaptuneError(f"model directory {name} does not exist: check the path, or pass a hub id or --model tiny")
+    try:  # the cache first: no network round trips when the model was downloaded before
+        return _from_pretrained(name, local_files_only=True)
+    except CaptuneError:
+        pass
+    if not hub_reachable():
+        raise CaptuneError(
+            f"cannot load model '{name}': it is not in the local Hugging Face cache and the Hub is unreachable "
+            "(no network, or HF_HUB_OFFLINE set); pass a local directory written by save_pretrained, or --model tiny"
+        )
     return _from_pretrained(name, local_files_only=False)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub endpoint, so an offline machine fails in seconds rather than after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _from_pretrained(name: str, local_files_only: bool):

@@ -184,13 +184,14 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
     best = {"score": None, "step": None}
     final_metrics: dict = {}
 
-    def validate(step: int, epoch: int) -> None:
+    def validate(step: int, epoch: int, final: bool = False) -> None:
         nonlocal final_metrics
         if not validation:
             return
+        # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
         result = evaluate(
             model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers, desc=f"validating (step {step})",
+            num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
         )
         final_metrics = result.metrics
         score = selection_score(result.metrics, cfg.train.best_metric)
@@ -242,7 +243,7 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
             break
         validate(step, epoch)
     bar.close()
-    validate(step, epochs - 1)
+    validate(step, epochs - 1, final=True)
     if main:
         unwrapped = accelerator.unwrap_model(model)
         save_model(unwrapped, processor, output / "last", settings)
