@@ -18,7 +18,7 @@ log = logging.getLogger("captune")
 DEMO_RECIPE = {
     "model": {"name": TINY},
     "data": {"num_workers": 0},
-    "train": {"epochs": 8, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.05, "log_every_steps": 10},
+    "train": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "warmup_ratio": 0.05, "log_every_steps": 10},
     "eval": {"num_beams": 1, "max_new_tokens": 8, "min_new_tokens": 0, "batch_size": 64},
 }
 N_TRAIN, N_VAL = 1500, 100

@@ -181,13 +181,14 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
                 "max_caption_tokens": cfg.data.max_caption_tokens,
                 "generation": {"num_beams": options.num_beams, "max_new_tokens": options.max_new_tokens,
                                "min_new_tokens": options.min_new_tokens}}
-    best = {"score": None, "step": None}
+    best = {"score": None, "step": None, "validated": None}
     final_metrics: dict = {}
 
     def validate(step: int, epoch: int, final: bool = False) -> None:
         nonlocal final_metrics
-        if not validation:
-            return
+        if not validation or (best["validated"] == step and not final):
+            return  # an epoch end can coincide with an eval_every_steps step
+        best["validated"] = step
         # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
         result = evaluate(
             model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,

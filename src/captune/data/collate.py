@@ -82,7 +82,8 @@ class CaptionCollator:
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
-        text = [self.prompt + caption for caption in captions]
+        # Joined with one space whatever the prompt's trailing whitespace (YAML and shells strip it).
+        text = [f"{self.prompt.strip()} {caption}" if self.prompt.strip() else caption for caption in captions]
         encoded = tokenizer(
             text, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )

@@ -34,7 +34,7 @@ def draw_scene(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
     cell = size // 2
     for index in rng.sample(range(4), count):
         # Large shapes with a little jitter: a tiny ViT trained from scratch in minutes must tell them apart.
-        r = rng.randint(cell // 2 - 6, cell // 2 - 3)
+        r = rng.randint(cell // 2 - 4, cell // 2 - 2)
         slack = cell // 2 - r
         cx = (index % 2) * cell + cell // 2 + rng.randint(-slack, slack)
         cy = (index // 2) * cell + cell // 2 + rng.randint(-slack, slack)
