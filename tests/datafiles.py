@@ -55,7 +55,10 @@ def bad_folder(root: Path, n_good: int = 4) -> Path:
     for i in range(n_good):
         png(root / f"good{i}.png", COLOURS[i % len(COLOURS)])
         rows.append({"file_name": f"good{i}.png", "text": f"a plain colour number {i}"})
-    big = jpeg_bytes(size=(64, 64))
+    noise = Image.frombytes("RGB", (64, 64), os.urandom(64 * 64 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "JPEG")
+    big = buffer.getvalue()
     (root / "corrupt.jpg").write_bytes(big[:20] + os.urandom(400))
     (root / "truncated.jpg").write_bytes(big[: len(big) // 2])
     (root / "zero.jpg").write_bytes(b"")

@@ -72,7 +72,7 @@ def open_image(source: ImageSource, origin: str = "", max_pixels: int = DEFAULT_
     Raises:
         CaptuneError: missing file, not an image, or more than `max_pixels` pixels.
     """
-    where = origin or str(source)
+    where = label(source, origin)
     if callable(source) and not isinstance(source, Image.Image):
         source = source()
     try:
@@ -95,7 +95,8 @@ def open_image(source: ImageSource, origin: str = "", max_pixels: int = DEFAULT_
     except Image.DecompressionBombError as exc:
         raise CaptuneError(f"{where}: image refused as a decompression bomb ({exc})") from exc
     except (OSError, ValueError, SyntaxError) as exc:
-        raise CaptuneError(f"{where}: not a readable image ({_reason(exc)})") from exc
+        what = "truncated image" if "truncated" in str(exc).lower() else "not a readable image"
+        raise CaptuneError(f"{where}: {what} ({_reason(exc)})") from exc
     width, height = image.size
     if max_pixels and width * height > max_pixels:
         raise CaptuneError(
@@ -157,7 +158,7 @@ def load_rgb(source: ImageSource, origin: str = "", *, max_pixels: int = DEFAULT
     Raises:
         CaptuneError: the file is missing, not an image, too large, or corrupt; the message names `origin`.
     """
-    return to_rgb(open_image(source, origin, max_pixels), origin or str(source), draft_size)
+    return to_rgb(open_image(source, origin, max_pixels), label(source, origin), draft_size)
 
 
 def image_bytes(source: ImageSource) -> bytes | None:
@@ -172,6 +173,21 @@ def image_bytes(source: ImageSource) -> bytes | None:
         return Path(source).read_bytes()
     except OSError:
         return None
+
+
+def label(source: ImageSource, origin: str = "") -> str:
+    """How messages name an image: its metadata row and its file (`metadata.jsonl:6: data/cat.jpg`)."""
+    if isinstance(source, Path) and origin and str(source) not in origin:
+        return f"{origin}: {source}"
+    return origin or _describe(source)
+
+
+def _describe(source: ImageSource) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes of image data>"
+    if isinstance(source, Image.Image):
+        return f"<{source.width}x{source.height} {source.mode} image>"
+    return str(source)
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ from collections import Counter
 import numpy as np
 
 from ..errors import CaptuneError
-from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, open_image, to_rgb
+from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, label, open_image, to_rgb
 
 
 def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "", image_column: str = "",
@@ -44,12 +44,13 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
             samples = _shard_samples(wds.iter_samples(samples.paths), problems)
         images = captions = 0
         for sample in samples:
-            images += 1
-            captions += len(sample.captions)
-            lengths.extend(len(ids) + prompt_tokens for ids in tokenizer(list(sample.captions))["input_ids"])
             problem = _check_image(sample, max_image_pixels, sizes, modes, hashes, split)
             if problem is not None:
                 problems.append(problem)
+                continue
+            images += 1
+            captions += len(sample.captions)
+            lengths.extend(len(ids) + prompt_tokens for ids in tokenizer(list(sample.captions))["input_ids"])
         if images or split == "train":
             report["splits"][split] = {"images": images, "captions": captions}
     report["caption_tokens"] = _stats(lengths) | {
@@ -78,7 +79,7 @@ def _shard_samples(items, problems: list[Problem]):
 
 
 def _check_image(sample: CaptionSample, max_pixels: int, sizes, modes, hashes, split: str) -> Problem | None:
-    where = sample.origin or sample.id
+    where = label(sample.image, sample.origin or sample.id)
     try:
         image = open_image(sample.image, where, max_pixels)
         size, mode = image.size, image.mode
