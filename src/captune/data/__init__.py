@@ -72,8 +72,8 @@ def sniff(path: str) -> str:
         if has_sidecars(local) or ((local / "train").is_dir() and has_sidecars(local / "train")):
             return "sidecar"
         raise CaptuneError(
-            f"cannot tell what {path} holds: expected metadata.jsonl/csv, images with .txt captions, .tar shards or a "
-            "save_to_disk dataset (or train/ and validation/ folders of those); --data-format forces a reader"
+            f"cannot tell what {path} holds: no metadata.jsonl or metadata.csv, no images with .txt captions, no .tar "
+            "shards, no save_to_disk dataset (nor train/ and validation/ folders of those); --data-format forces one"
         )
     if any(c in path for c in "*?["):
         return "webdataset"
