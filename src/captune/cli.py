@@ -27,6 +27,17 @@ def _generation_flags(parser: argparse.ArgumentParser, beams: int | None, min_to
     group.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1.0)")
 
 
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data source")
+    group.add_argument("--data-format", choices=["auto", "folder", "sidecar", "coco", "karpathy", "hf", "webdataset"],
+                       help="force the reader (default auto: told from the path)")
+    group.add_argument("--image-root", help="COCO/Karpathy: folder the image file names are relative to")
+    group.add_argument("--image-column", help="Hugging Face datasets: image column")
+    group.add_argument("--caption-column", help="Hugging Face datasets: caption column")
+    group.add_argument("--train-split", help="Hugging Face datasets: split to train on (default train)")
+    group.add_argument("--eval-split", help="Hugging Face datasets: held-out split (default validation/val/test)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captune", description="Fine-tune, evaluate and run BLIP image captioners on your own images."
@@ -51,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--num-workers", type=int, help="DataLoader workers")
     train.add_argument("--eval-every", type=int, help="also validate every N optimizer steps")
+    _data_flags(train)
+    train.add_argument("--on-bad-sample", choices=["skip", "error"],
+                       help="corrupt image, missing file, empty caption: skip it (counted in summary.json, the "
+                       "default) or stop")
+    train.add_argument("--caption-sampling", choices=["all", "random"],
+                       help="several captions per image: every pair per epoch (default) or one drawn at random")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
 
@@ -63,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="which split to score; auto = validation/ when the folder has one, else all images")
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per generation batch (default 32)")
     _generation_flags(evaluate, beams=None, min_tokens=None)
+
+    check = commands.add_parser("check", help="check a dataset before training: counts, lengths, every problem",
+                                description="Read every image and caption as training will; list each problem with "
+                                "its file (and line). Exit 0 when clean, 1 when it found errors.")
+    check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
+    _data_flags(check)
+    check.add_argument("--max-caption-tokens", type=int, default=40,
+                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
+    check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
 
     caption = commands.add_parser("caption", help="caption image files, one line each",
                                   description="Print one caption per image, in the order given.")
@@ -88,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "check":
+            return cmd_check(args)
         if args.command == "caption":
             return cmd_caption(args)
         if args.command == "demo":
@@ -124,6 +154,10 @@ def train_overrides(args) -> dict:
         ("data", "val_split"): args.val_split, ("data", "prompt"): args.prompt,
         ("train", "mixed_precision"): args.mixed_precision, ("train", "seed"): args.seed,
         ("data", "num_workers"): args.num_workers, ("train", "eval_every_steps"): args.eval_every,
+        ("data", "format"): args.data_format, ("data", "image_root"): args.image_root,
+        ("data", "image_column"): args.image_column, ("data", "caption_column"): args.caption_column,
+        ("data", "train_split"): args.train_split, ("data", "eval_split"): args.eval_split,
+        ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
     }
     values: dict = {}
     for path, value in flags.items():
@@ -190,6 +224,23 @@ def cmd_eval(args) -> int:
     print(format_metrics_table({"score": result.metrics}))
     log.info("wrote %s and %s", output / "metrics.json", output / "predictions.jsonl")
     return 0
+
+
+def cmd_check(args) -> int:
+    import json
+
+    from .data.records import DEFAULT_MAX_PIXELS
+    from .data.validate import check_dataset, format_report
+
+    report = check_dataset(
+        args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
+        image_column=args.image_column or "", caption_column=args.caption_column or "",
+        train_split=args.train_split or "train", eval_split=args.eval_split or "",
+        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
+        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+    )
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 1 if report["errors"] else 0
 
 
 def cmd_caption(args) -> int:

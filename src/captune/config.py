@@ -34,6 +34,30 @@ class DataConfig:
     """DataLoader worker processes decoding and resizing images (0 = in the main process)."""
     max_val_images: int = 0
     """Evaluate on at most this many validation images during training (0 = all)."""
+    format: Literal["auto", "folder", "sidecar", "coco", "karpathy", "hf", "webdataset"] = "auto"
+    """Reader for `path`; auto tells it from what is there (metadata file, .txt sidecars, .json, .tar, save_to_disk)."""
+    image_root: str = ""
+    """Folder COCO/Karpathy image file names are relative to (default: the annotation file's folder)."""
+    image_column: str = ""
+    """Hugging Face datasets: the image column (empty = the Image feature, else image/img)."""
+    caption_column: str = ""
+    """Hugging Face datasets: the caption column (empty = text, caption, captions or sentences)."""
+    train_split: str = "train"
+    """Hugging Face datasets: the split to train on."""
+    eval_split: str = ""
+    """Hugging Face datasets: the held-out split (empty = validation, val or test when present)."""
+    caption_sampling: Literal["all", "random"] = "all"
+    """Images with several captions: `all` trains on every pair each epoch (BLIP); `random` on one drawn per image."""
+    on_bad_sample: Literal["skip", "error"] = "skip"
+    """A corrupt image, missing file or empty caption: `skip` counts and names it (summary.json), `error` stops."""
+    max_image_pixels: int = 100_000_000
+    """Refuse images with more pixels than this (decompression bombs)."""
+    augment: bool = False
+    """RandomResizedCrop (scale 0.5-1, bicubic) as BLIP trains; no flip (it breaks left/right captions)."""
+    normalize_captions: bool = False
+    """BLIP's pre_caption on training captions: lower case, punctuation out, at most max_words words."""
+    max_words: int = 30
+    """Word cap of normalize_captions."""
 
     def __post_init__(self):
         if not 0 <= self.val_split < 1:
@@ -42,6 +66,8 @@ class DataConfig:
             raise ValueError(f"data.max_caption_tokens must be >= 3 ([DEC], a word, [SEP]), got {self.max_caption_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.max_image_pixels < 1 or self.max_words < 1:
+            raise ValueError("data.max_image_pixels and data.max_words must be >= 1")
 
 
 @dataclass

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from accelerate.utils import gather_object, send_to_device, set_seed
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .config import Config, save_config
-from .data import build_dataset
-from .data.collate import IGNORE_INDEX, CaptionCollator, CaptionPairs
+from .data import build_dataset, count_captions, training_dataset
+from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
 from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
 from .generate import GenerationOptions
@@ -142,7 +142,13 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
     output = Path(cfg.output)
-    data = build_dataset(cfg.data.path, cfg.data.val_split, cfg.train.seed)
+    data = build_dataset(
+        cfg.data.path, cfg.data.val_split, cfg.train.seed, data_format=cfg.data.format, image_root=cfg.data.image_root,
+        image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
+        train_split=cfg.data.train_split, eval_split=cfg.data.eval_split, strict=cfg.data.on_bad_sample == "error",
+    )
+    # Rows already unusable in the metadata (missing file, empty caption...) are skips like undecodable images.
+    skipped = [{"id": p.id or p.where, "reason": str(p)} for p in data.problems]
     validation = data.validation[: cfg.data.max_val_images or None]
     if model is None:
         model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
@@ -153,20 +159,34 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
         log.info(
             "training %s on %d images (%d captions), validating on %d images; %s of %s parameters trainable; "
             "%s on %d process(es), precision %s",
-            cfg.model.name, len(data.train), sum(len(s.captions) for s in data.train), len(validation),
+            cfg.model.name, len(data.train), count_captions(data.train), len(validation),
             f"{trainable:,}", f"{total:,}", accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
         )
         if not validation:
             log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
+        for item in skipped:
+            log.warning("skipped %s", item["reason"])
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
+    size = processor.image_processor.size["height"]
+    items = training_dataset(
+        data.train, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
+                            augment_size=size if cfg.data.augment else 0,
+                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
+    )
+    streamed = isinstance(items, IterableDataset)
     loader = DataLoader(
-        CaptionPairs(data.train), batch_size=cfg.train.batch_size, shuffle=True, collate_fn=collator,
+        items, batch_size=cfg.train.batch_size, shuffle=not streamed, collate_fn=collator,
         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed),
     )
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if streamed:  # the stream already splits itself per process and worker (data/wds.py): no second split
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -210,6 +230,15 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     for epoch in range(epochs):
         for batch in loader:
+            for item in batch.pop("skipped", []):
+                if cfg.data.on_bad_sample == "error":
+                    raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
+                log.warning("skipped %s", item["reason"])
+                skipped.append(item)
+            if "input_ids" not in batch:
+                continue  # every item of this batch was bad
+            if streamed:
+                batch = send_to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
                 outputs = model(
                     pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
@@ -245,18 +274,33 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
         validate(step, epoch)
     bar.close()
     validate(step, epochs - 1, final=True)
+    skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
     if main:
+        if skipped:
+            log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
         unwrapped = accelerator.unwrap_model(model)
         save_model(unwrapped, processor, output / "last", settings)
         if best["score"] is None:
             save_model(unwrapped, processor, output / "best", settings)
         write_json(output / "summary.json", {"steps": step, "best_step": best["step"], "best_score": best["score"],
-                                             "best_metric": cfg.train.best_metric, "final_metrics": final_metrics})
+                                             "best_metric": cfg.train.best_metric, "final_metrics": final_metrics,
+                                             "skipped_samples": skipped})
     metrics_log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output=output, steps=step, best_score=best["score"], best_step=best["step"],
                        final_metrics=final_metrics)
+
+
+def _unique(items: list[dict]) -> list[dict]:
+    """One entry per (id, reason): a bad image is met again every epoch, and once per caption."""
+    seen, out = set(), []
+    for item in items:
+        key = (item["id"], item["reason"])
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def _format_metrics(metrics: dict) -> str:

@@ -11,21 +11,74 @@ Training batch (`CaptionCollator`):
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from .records import CaptionSample, load_rgb
+from ..errors import CaptuneError
+from .records import DEFAULT_MAX_PIXELS, CaptionSample, load_rgb
+from .transforms import pre_caption, random_resized_crop
 
 IGNORE_INDEX = -100
 
 
-class CaptionPairs(Dataset):
-    """Training items: every (image, caption) pair, as the original BLIP iterates its annotations."""
+@dataclass(frozen=True)
+class ItemOptions:
+    """How a training item is decoded and transformed (picklable: it travels to the DataLoader workers)."""
 
-    def __init__(self, samples: list[CaptionSample]):
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Refuse larger images (decompression bombs)."""
+    draft_size: int = 0
+    """Decode JPEGs at the smallest DCT scale still at least this size (the processor's image size); 0 = full."""
+    augment_size: int = 0
+    """RandomResizedCrop to this size (scale 0.5-1, bicubic) as BLIP trains; 0 = no augmentation."""
+    normalize_captions: bool = False
+    """Apply BLIP's pre_caption to training captions."""
+    max_words: int = 30
+    """Word cap of pre_caption."""
+
+
+def training_item(sample: CaptionSample, caption: str, options: ItemOptions) -> dict:
+    """Decode one (image, caption) pair, or a `skip` record naming the sample and the reason it is unusable.
+
+    A bad sample never raises here: in a worker process the exception would reach the user as a traceback, and
+    the run would die mid-epoch. The collator drops skips and hands them to the training loop, which decides.
+    """
+    try:
+        image = load_rgb(sample.image, sample.origin or sample.id, max_pixels=options.max_pixels,
+                         draft_size=options.draft_size)
+    except CaptuneError as exc:
+        return {"skip": {"id": sample.id, "reason": str(exc)}}
+    except Exception as exc:  # a decoder bug on hostile input must cost one sample, not the run
+        return {"skip": {"id": sample.id, "reason": f"{sample.origin or sample.id}: cannot decode image ({exc!r})"}}
+    if options.augment_size:
+        image = random_resized_crop(image, options.augment_size)
+    if options.normalize_captions:
+        caption = pre_caption(caption, options.max_words)
+        if not caption:
+            return {"skip": {"id": sample.id, "reason": f"{sample.origin or sample.id}: caption empty after "
+                                                          "normalisation"}}
+    return {"image": image, "caption": caption}
+
+
+class CaptionPairs(Dataset):
+    """Training items from a list of samples.
+
+    Args:
+        caption_sampling: "all" = every (image, caption) pair each epoch, as the original BLIP iterates its
+            annotations; "random" = each image once per epoch with one of its captions drawn at random.
+    """
+
+    def __init__(self, samples: list[CaptionSample], caption_sampling: str = "all", options: ItemOptions | None = None):
         self.samples = samples
-        self.pairs = [(i, j) for i, s in enumerate(samples) for j in range(len(s.captions))]
+        self.caption_sampling = caption_sampling
+        self.options = options or ItemOptions()
+        if caption_sampling == "all":
+            self.pairs = [(i, j) for i, s in enumerate(samples) for j in range(len(s.captions))]
+        else:
+            self.pairs = [(i, None) for i in range(len(samples))]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -33,7 +86,9 @@ class CaptionPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         i, j = self.pairs[index]
         sample = self.samples[i]
-        return {"image": load_rgb(sample.image, sample.origin), "caption": sample.captions[j]}
+        # `random` is reseeded per worker and per epoch by the DataLoader, so draws differ between epochs.
+        caption = sample.captions[j] if j is not None else random.choice(sample.captions)
+        return training_item(sample, caption, self.options)
 
 
 class CaptionImages(Dataset):
@@ -74,10 +129,18 @@ class CaptionCollator:
         if self.prompt_tokens >= max_tokens:
             raise ValueError(f"prompt {prompt!r} fills all {max_tokens} caption tokens: raise max_caption_tokens")
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
+        """Batch the good items; `skipped` lists the bad ones ({id, reason}) so the main process can count them
+        (a counter inside a worker process would be lost). A batch of only bad items has no tensors."""
+        skipped = [it["skip"] for it in items if "skip" in it]
+        items = [it for it in items if "skip" not in it]
+        if not items:
+            return {"skipped": skipped}
         pixel_values = self.processor.image_processor([it["image"] for it in items], return_tensors="pt")["pixel_values"]
         batch = self.tokenize([it["caption"] for it in items])
         batch["pixel_values"] = pixel_values
+        if skipped:
+            batch["skipped"] = skipped
         return batch
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
