@@ -123,3 +123,35 @@ def test_load_concurrent_requests_are_batched(client):
 def test_serve_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--model", "tiny"])
     assert (args.host, args.port) == ("127.0.0.1", 8000)
+
+
+def test_captune_serve_command_starts_and_answers(tiny_model_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    server = subprocess.Popen([sys.executable, "-m", "captune", "serve", "--model", str(tiny_model_dir), "--port",
+                               str(port), "--device", "cpu"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "captune serve did not answer within 120 s"
+                time.sleep(0.2)
+        assert health.json()["status"] == "ok"
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/caption", files=[upload()], data={"max_new_tokens": "3"},
+                           timeout=60)
+        assert reply.status_code == 200 and reply.json()["captions"][0]["caption"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

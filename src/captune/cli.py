@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="web page and JSON API that caption uploaded images",
-        description="Serve a captioner: a web page at /, the JSON API at /v1/caption, OpenAPI docs at /docs, "
+        description="Serve a captioner: a web page at /, the JSON API at POST /v1/caption, /openapi.json, "
         "/health and /stats. Concurrent requests are batched on the model.")
     serve.add_argument("--model", required=True, help="model directory (e.g. RUN/best), LoRA adapter dir, hub id, or 'tiny'")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -233,7 +233,11 @@ def cmd_caption(args) -> int:
 
 def cmd_serve(args) -> int:
     from .captioner import Captioner
-    from .serve import ServeLimits, run_server
+
+    try:
+        from .serve import ServeLimits, run_server
+    except ImportError as exc:
+        raise CaptuneError(f"captune serve needs the serve extra ({exc.name} is missing): pip install 'captune[serve]'") from exc
 
     try:
         limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
