@@ -92,12 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    caption = commands.add_parser("caption", help="caption image files, one line each",
-                                  description="Print one caption per image, in the order given.")
-    caption.add_argument("--model", required=True, help="model directory (e.g. RUN/best), hub id, or 'tiny'")
-    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    caption = commands.add_parser(
+        "caption", help="caption image files, folders or globs, one line each",
+        description="Print one caption per image, in the order given (folders recursively, sorted). Unreadable files "
+        "are reported on stderr and skipped; the exit code is 1 if any input failed, 0 if all were captioned.")
+    caption.add_argument("--model", required=True, help="model directory (e.g. RUN/best), LoRA adapter dir, hub id, or 'tiny'")
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files, directories (recursive) or quoted globs")
     caption.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    caption.add_argument("--format", choices=["text", "tsv", "jsonl", "csv", "sidecar"], default="text",
+                         help="text: one caption a line (default); tsv: path<TAB>caption; jsonl: {path, caption}; "
+                         "csv: path,caption with header; sidecar: IMAGE.txt beside each image")
+    caption.add_argument("--output", help="write text/tsv/jsonl/csv here instead of stdout (replaced only when done)")
+    caption.add_argument("--ext", help="extensions taken from directories and globs (default jpg,jpeg,png,webp,bmp,gif,tif,tiff)")
+    caption.add_argument("--overwrite", action="store_true", help="with --format sidecar, replace existing .txt files")
+    caption.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     _generation_flags(caption, beams=None, min_tokens=None)
+
+    serve = commands.add_parser(
+        "serve", help="web page and JSON API that caption uploaded images",
+        description="Serve a captioner: a web page at /, the JSON API at POST /v1/caption, /openapi.json, "
+        "/health and /stats. Concurrent requests are batched on the model.")
+    serve.add_argument("--model", required=True, help="model directory (e.g. RUN/best), LoRA adapter dir, hub id, or 'tiny'")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="images per generate() call (default 16)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long to gather requests into a batch (default 5)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
+    serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
+    serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
@@ -120,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         if args.command == "caption":
             return cmd_caption(args)
+        if args.command == "serve":
+            return cmd_serve(args)
         if args.command == "demo":
             return cmd_demo(args)
         raise AssertionError(args.command)
@@ -244,16 +269,35 @@ def cmd_check(args) -> int:
 
 
 def cmd_caption(args) -> int:
-    from .data.records import load_rgb
-    from .generate import caption_images
-    from .model import load_captune_settings, load_model_and_processor
+    from .caption_files import parse_extensions, run_caption
+    from .captioner import Captioner
+    from .model import load_captune_settings
 
-    images = [load_rgb(Path(path), origin=path) for path in args.images]
-    model, processor = load_model_and_processor(args.model)
-    model.eval()
+    if args.batch_size < 1:
+        raise CaptuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    extensions = parse_extensions(args.ext)
     options = generation_options(args, load_captune_settings(args.model))
-    for caption in caption_images(model, processor, images, options, batch_size=args.batch_size):
-        print(caption)
+    captioner = Captioner.load(args.model, device=args.device)
+    return run_caption(captioner, args.images, options, fmt=args.format, output=args.output, extensions=extensions,
+                       overwrite=args.overwrite, batch_size=args.batch_size, progress=not args.quiet)
+
+
+def cmd_serve(args) -> int:
+    from .captioner import Captioner
+
+    try:
+        from .serve import ServeLimits, run_server
+    except ImportError as exc:
+        raise CaptuneError(f"captune serve needs the serve extra ({exc.name} is missing): pip install 'captune[serve]'") from exc
+
+    try:
+        limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                             max_images=args.max_images, max_batch_size=args.max_batch_size,
+                             batch_wait_s=args.batch_wait_ms / 1000)
+    except ValueError as exc:
+        raise CaptuneError(f"serve limits: {exc}") from exc
+    captioner = Captioner.load(args.model, device=args.device)
+    run_server(captioner, host=args.host, port=args.port, limits=limits)
     return 0
 
 

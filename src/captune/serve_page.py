@@ -1,0 +1,119 @@
+"""The web page `captune serve` shows at `/`: one self-contained HTML file (inline CSS and JS, no CDN), so it works
+offline. `__DEFAULTS__` is replaced with the server's generation defaults and limits as JSON."""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>captune</title>
+<style>
+  :root { font-family: system-ui, sans-serif; color: #1d2330; background: #f6f7f9; }
+  main { max-width: 760px; margin: 2rem auto; padding: 0 1rem; }
+  h1 { font-size: 1.4rem; margin-bottom: .2rem; }
+  .muted { color: #5b6475; font-size: .9rem; }
+  #drop { display: block; border: 2px dashed #8a94a8; border-radius: 10px; padding: 2rem; text-align: center;
+          background: #fff; cursor: pointer; margin: 1rem 0; }
+  #drop.over { border-color: #2f6fde; background: #eef4ff; }
+  #drop input { display: none; }
+  fieldset { border: 1px solid #d5d9e1; border-radius: 8px; display: flex; flex-wrap: wrap; gap: 1rem; }
+  label.opt { display: flex; flex-direction: column; font-size: .85rem; }
+  label.opt input[type=number] { width: 6rem; }
+  button { margin-top: .8rem; padding: .4rem 1rem; }
+  #status { min-height: 1.4rem; margin: .8rem 0; }
+  #status.error { color: #b3261e; font-weight: 600; }
+  #results { list-style: none; padding: 0; }
+  #results li { display: flex; gap: 1rem; align-items: center; background: #fff; border-radius: 8px;
+                padding: .6rem; margin-bottom: .6rem; box-shadow: 0 1px 2px #0002; }
+  #results img { width: 120px; height: 120px; object-fit: contain; background: #eee; border-radius: 4px; }
+  .caption { font-size: 1.1rem; margin: 0; }
+</style>
+</head>
+<body>
+<main>
+  <h1>captune</h1>
+  <div class="muted">Drop images or pick files; each gets a caption from the model this server runs.</div>
+  <label id="drop">Drop images here or <u>choose files</u>
+    <input id="file" type="file" accept="image/*" multiple>
+  </label>
+  <fieldset>
+    <legend>Generation</legend>
+    <label class="opt">Beams <input id="num_beams" type="number" min="1" max="8"></label>
+    <label class="opt">Max tokens <input id="max_new_tokens" type="number" min="1" max="128"></label>
+    <label class="opt">Sampling <input id="do_sample" type="checkbox"></label>
+    <label class="opt">Top-p <input id="top_p" type="number" min="0.05" max="1" step="0.05" value="0.9"></label>
+    <label class="opt">Temperature <input id="temperature" type="number" min="0.1" max="10" step="0.1" value="1"></label>
+  </fieldset>
+  <button id="again" type="button" disabled>Caption again</button>
+  <div id="status" role="status"></div>
+  <ol id="results"></ol>
+</main>
+<script>
+const DEFAULTS = __DEFAULTS__;
+const $ = (id) => document.getElementById(id);
+$("num_beams").value = DEFAULTS.num_beams;
+$("max_new_tokens").value = DEFAULTS.max_new_tokens;
+let lastFiles = [];
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+async function caption(files) {
+  files = Array.from(files).slice(0, DEFAULTS.max_images);
+  if (!files.length) return;
+  lastFiles = files;
+  $("again").disabled = false;
+  const form = new FormData();
+  for (const f of files) form.append("images", f, f.name);
+  form.append("num_beams", $("num_beams").value);
+  form.append("max_new_tokens", $("max_new_tokens").value);
+  if ($("do_sample").checked) {
+    form.append("do_sample", "true");
+    form.append("top_p", $("top_p").value);
+    form.append("temperature", $("temperature").value);
+  }
+  setStatus("Captioning " + files.length + " image(s)...", false);
+  try {
+    const reply = await fetch("/v1/caption", { method: "POST", body: form });
+    const body = await reply.json().catch(() => ({ error: "the server answered " + reply.status }));
+    if (!reply.ok) { setStatus("Error: " + (body.error || reply.status), true); return; }
+    const list = $("results");
+    list.replaceChildren();
+    body.captions.forEach((item, i) => {
+      const li = document.createElement("li");
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(files[i]);
+      img.alt = item.caption;
+      const div = document.createElement("div");
+      const p = document.createElement("p");
+      p.className = "caption";
+      p.textContent = item.caption;
+      const meta = document.createElement("div");
+      meta.className = "muted";
+      meta.textContent = item.filename + " (" + item.width + "x" + item.height + ")";
+      div.append(p, meta);
+      li.append(img, div);
+      list.append(li);
+    });
+    setStatus("Done in " + body.seconds.toFixed(2) + " s.", false);
+  } catch (err) {
+    setStatus("Error: " + err, true);
+  }
+}
+
+$("file").addEventListener("change", (e) => caption(e.target.files));
+$("again").addEventListener("click", () => caption(lastFiles));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  caption(e.dataTransfer.files);
+});
+</script>
+</body>
+</html>
+"""
