@@ -166,8 +166,10 @@ def _setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     import transformers
 
-    # transformers' own warnings (e.g. generation config notes) drown ours; errors still show.
+    # transformers' own warnings (e.g. generation config notes) drown ours; errors still show. Its per-load
+    # "Loading weights" / "Writing model shards" bars are noise next to ours (Hub download bars are kept).
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def train_overrides(args) -> dict:
