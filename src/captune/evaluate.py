@@ -87,6 +87,18 @@ def evaluate(model, processor, samples: list[CaptionSample], options: Generation
     return EvalResult(metrics=metrics, predictions=records)
 
 
+def merge_predictions(by_model: dict[str, list[dict]]) -> list[dict]:
+    """One record per image with a column per model: {id, image, references, models: {name: {prediction, cider,
+    bleu_4}}}, from per-model records of the same samples in the same order."""
+    merged = []
+    for rows in zip(*by_model.values()):
+        first = rows[0]
+        assert all(r["id"] == first["id"] for r in rows), "models were scored on different samples"
+        models = {name: {k: r[k] for k in ("prediction", "cider", "bleu_4")} for name, r in zip(by_model, rows)}
+        merged.append({"id": first["id"], "image": first["image"], "references": first["references"], "models": models})
+    return merged
+
+
 def image_path(sample: CaptionSample) -> str | None:
     """The sample's image file as an absolute path string, or None when its pixels do not come from a file."""
     if isinstance(sample.image, (str, Path)):
