@@ -222,3 +222,13 @@ def test_chromium_renders_plots_and_gallery(run, tmp_path):
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert image.height > 2000  # plots and gallery laid out, not an error page
     assert colours is None or len(colours) > 50  # not blank
+
+
+def test_report_of_a_run_without_validation_has_curves_only(tmp_path):
+    (tmp_path / "config.yaml").write_text("output: x\n")
+    lines = [{"step": s, "epoch": 0, "split": "train", "loss": 5.0 / s, "lr": 1e-4} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 6, "spl')
+    page = report.write_report(tmp_path).read_text(encoding="utf-8")  # a torn last line (killed run) is skipped
+    assert len(_parse(tmp_path / "report.html").images) == 2
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["loss.png", "lr.png"]
+    assert "No validation metrics" in page and "Validation gallery" not in page
