@@ -1,4 +1,4 @@
-"""The `captune` command line: train, eval, caption, demo.
+"""The `captune` command line: train, eval, caption, report, demo.
 
 Every subcommand is a plain function of parsed arguments; `main(argv)` returns the exit code so tests call it directly.
 """
@@ -71,9 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
 
-    evaluate = commands.add_parser("eval", help="caption a dataset with a model and score it",
-                                   description="Writes OUT/metrics.json (BLEU-1..4, METEOR, ROUGE-L, CIDEr, exact_match) and OUT/predictions.jsonl.")
-    evaluate.add_argument("--model", required=True, help="model directory (e.g. RUN/best), hub id, or 'tiny'")
+    evaluate = commands.add_parser(
+        "eval", help="caption a dataset with one or more models and score them",
+        description="Writes OUT/metrics.json (BLEU-1..4, METEOR, ROUGE-L, CIDEr, exact_match) and OUT/predictions.jsonl "
+        "(per image: prediction, references, CIDEr, BLEU-4). With several --model, metrics.json maps each model to its "
+        "metrics and each predictions line holds a `models` object, one entry per model. Runs on every process under "
+        "torchrun / accelerate launch.")
+    evaluate.add_argument("--model", required=True, action="append",
+                          help="run directory (its best/ is used), model directory, hub id, or 'tiny'; "
+                          "repeat to compare models, e.g. --model tiny --model runs/x")
     evaluate.add_argument("--data", required=True, help="image folder with metadata")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json and predictions.jsonl")
     evaluate.add_argument("--split", choices=["auto", "train", "validation"], default="auto",
@@ -122,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
 
+    report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
+                                 description="Rebuild the self-contained RUN/report.html and RUN/plots/ from the files "
+                                 "training wrote (config.yaml, metrics.jsonl, summary.json, val_predictions*.jsonl).")
+    report.add_argument("run", metavar="RUN", help="run directory (the --output of `captune train`)")
+
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
@@ -145,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_caption(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "demo":
             return cmd_demo(args)
         raise AssertionError(args.command)
@@ -232,24 +245,74 @@ def generation_options(args, model_dir_settings: dict):
         raise CaptuneError(f"generation options: {exc}") from exc
 
 
+def resolve_model(name: str) -> str:
+    """A run directory stands for its best/ model; anything else (model dir, adapter dir, hub id, tiny) as given."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "best").is_dir() and not any(
+        (path / marker).is_file() for marker in ("config.json", "adapter_config.json")
+    ):
+        return str(path / "best")
+    return name
+
+
+def model_labels(names: list[str]) -> list[str]:
+    """Column names for the compared models: as typed, with #2, #3 appended to repeats."""
+    labels: list[str] = []
+    for name in names:
+        label, n = name, 1
+        while label in labels:
+            n += 1
+            label = f"{name}#{n}"
+        labels.append(label)
+    return labels
+
+
 def cmd_eval(args) -> int:
+    import torch
+    from accelerate import Accelerator
+
     from .data import build_dataset
-    from .evaluate import evaluate, write_json, write_jsonl
+    from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
     from .model import load_captune_settings, load_model_and_processor
 
     data = build_dataset(args.data)
     if args.split == "validation" and not data.validation:
         raise CaptuneError(f"--split validation: {args.data} has no validation/ (or val/, test/) folder")
     samples = data.train if args.split == "train" else (data.validation or data.train)
-    model, processor = load_model_and_processor(args.model)
-    options = generation_options(args, load_captune_settings(args.model))
-    result = evaluate(model, processor, samples, options, batch_size=args.batch_size)
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "metrics.json", result.metrics)
-    write_jsonl(output / "predictions.jsonl", result.predictions)
-    print(format_metrics_table({"score": result.metrics}))
-    log.info("wrote %s and %s", output / "metrics.json", output / "predictions.jsonl")
+    # Under torchrun / accelerate launch each process captions a shard; evaluate() gathers them. cpu=True on a
+    # CUDA-less machine: without it Accelerate ignores torchrun's WORLD_SIZE there and every process runs alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    results = {}
+    for label, name in zip(model_labels(args.model), args.model):
+        path = resolve_model(name)
+        options = generation_options(args, load_captune_settings(path))  # before loading: bad flags fail fast
+        model, processor = load_model_and_processor(path)
+        model.to(accelerator.device)
+        results[label] = evaluate(model, processor, samples, options, accelerator=accelerator,
+                                  batch_size=args.batch_size, desc=f"captioning with {label}")
+        del model  # one model in memory at a time
+    if accelerator.is_main_process:
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        if len(results) == 1:  # the documented single-model format: {bleu_1: ..., ...}, one prediction per line
+            (result,) = results.values()
+            write_json(output / "metrics.json", result.metrics)
+            write_jsonl(output / "predictions.jsonl", result.predictions)
+        else:
+            write_json(output / "metrics.json", {label: r.metrics for label, r in results.items()})
+            write_jsonl(output / "predictions.jsonl", merge_predictions({k: r.predictions for k, r in results.items()}))
+        print(format_metrics_table({label: r.metrics for label, r in results.items()}))
+        log.info("wrote %s and %s", output / "metrics.json", output / "predictions.jsonl")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.run)
+    log.info("wrote %s", path)
     return 0
 
 
@@ -316,10 +379,11 @@ METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "ci
 def format_metrics_table(columns: dict[str, dict]) -> str:
     """A plain-text table: one row per metric, one column per named metrics dict."""
     names = list(columns)
+    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
     keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    lines = [f"{'metric':<12}" + "".join(f"{n:>10}" for n in names)]
+    lines = [f"{'metric':<12}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
     for key in keys:
-        lines.append(f"{key:<12}" + "".join(f"{_fmt(columns[n].get(key)):>10}" for n in names))
+        lines.append(f"{key:<12}" + "".join(f"{_fmt(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
     return "\n".join(lines)
 
 

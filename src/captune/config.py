@@ -141,6 +141,9 @@ class EvalConfig:
     """Shortest caption, in tokens after the prompt (5 as the BLIP paper; use 0 for short captions)."""
     batch_size: int = 32
     """Images per generation batch."""
+    caption_before: bool = True
+    """Caption the validation images once before the first step (RUN/val_predictions_before.jsonl, the report's
+    "before" column and the step-0 point of its validation plot)."""
 
     def __post_init__(self):
         if self.num_beams < 1 or self.batch_size < 1 or self.max_new_tokens < 1:

@@ -19,7 +19,8 @@ from .metrics import score
 class EvalResult:
     metrics: dict
     predictions: list[dict]
-    """One record per image: id, prediction, references."""
+    """One record per image: id, image (path string when read from a file, else None), prediction, references,
+    and that image's cider and bleu_4."""
 
 
 def predict(
@@ -76,9 +77,33 @@ def evaluate(model, processor, samples: list[CaptionSample], options: Generation
     captions = predict(model, processor, samples, options, **kwargs)
     predictions = {s.id: c for s, c in zip(samples, captions)}
     references = {s.id: list(s.captions) for s in samples}
-    metrics = score(predictions, references, meteor=meteor)
-    records = [{"id": s.id, "prediction": c, "references": list(s.captions)} for s, c in zip(samples, captions)]
+    metrics = score(predictions, references, meteor=meteor, per_item=True)
+    # Per-image scores cost nothing extra (the scorers compute them anyway); the report ranks examples by them.
+    per_item = metrics.pop("per_item")
+    records = [
+        {"id": s.id, "image": image_path(s), "prediction": c, "references": list(s.captions), **per_item[s.id]}
+        for s, c in zip(samples, captions)
+    ]
     return EvalResult(metrics=metrics, predictions=records)
+
+
+def merge_predictions(by_model: dict[str, list[dict]]) -> list[dict]:
+    """One record per image with a column per model: {id, image, references, models: {name: {prediction, cider,
+    bleu_4}}}, from per-model records of the same samples in the same order."""
+    merged = []
+    for rows in zip(*by_model.values()):
+        first = rows[0]
+        assert all(r["id"] == first["id"] for r in rows), "models were scored on different samples"
+        models = {name: {k: r[k] for k in ("prediction", "cider", "bleu_4")} for name, r in zip(by_model, rows)}
+        merged.append({"id": first["id"], "image": first["image"], "references": first["references"], "models": models})
+    return merged
+
+
+def image_path(sample: CaptionSample) -> str | None:
+    """The sample's image file as an absolute path string, or None when its pixels do not come from a file."""
+    if isinstance(sample.image, (str, Path)):
+        return str(Path(sample.image).resolve())
+    return None
 
 
 def write_jsonl(path: str | Path, records: list[dict]) -> None:

@@ -25,6 +25,8 @@ from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
 from .generate import GenerationOptions
 from .model import SETTINGS_FILE, count_parameters, load_model_and_processor
+from .modelcard import model_card
+from .report import write_report
 
 log = logging.getLogger("captune")
 
@@ -89,11 +91,11 @@ def selection_score(metrics: dict, best_metric: str) -> float:
     return total
 
 
-def save_model(model, processor, directory: Path, settings: dict | None = None) -> None:
+def save_model(model, processor, directory: Path, settings: dict | None = None, card: str | None = None) -> None:
     """save_pretrained (safetensors) of model and processor, via a temporary directory then a rename.
 
     `settings` (prompt, generation options) go to captune.json beside them, so `captune caption` and `eval`
-    decode as training validated.
+    decode as training validated; `card` (a model card, see modelcard.py) goes to README.md.
     """
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -101,6 +103,8 @@ def save_model(model, processor, directory: Path, settings: dict | None = None) 
     processor.save_pretrained(tmp)
     if settings is not None:
         write_json(tmp / SETTINGS_FILE, settings)
+    if card is not None:
+        (tmp / "README.md").write_text(card, encoding="utf-8")
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
 
@@ -203,6 +207,13 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
                                "min_new_tokens": options.min_new_tokens}}
     best = {"score": None, "step": None, "validated": None}
     final_metrics: dict = {}
+    data_counts = {"path": cfg.data.path, "train_images": len(data.train),
+                   "train_captions": count_captions(data.train), "validation_images": len(validation),
+                   "validation_captions": sum(len(s.captions) for s in validation)}
+
+    def card(metrics: dict, step: int) -> str:
+        return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
+                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=step)
 
     def validate(step: int, epoch: int, final: bool = False) -> None:
         nonlocal final_metrics
@@ -222,8 +233,19 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
             log.info("step %d validation: %s", step, _format_metrics(result.metrics))
             if best["score"] is None or score > best["score"]:
                 best.update(score=score, step=step)
-                save_model(accelerator.unwrap_model(model), processor, output / "best", settings)
+                save_model(accelerator.unwrap_model(model), processor, output / "best", settings,
+                           card(result.metrics, step))
         accelerator.wait_for_everyone()
+
+    if validation and cfg.eval.caption_before:
+        # The report's "before" captions: the untouched model, decoded exactly as validation will decode.
+        before = evaluate(model, processor, validation, options, accelerator=accelerator,
+                          batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                          desc="captioning before training", meteor=False)
+        if main:
+            metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
+            write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
+            log.info("before training: %s", _format_metrics(before.metrics))
 
     step, seen, tick = 0, 0, time.perf_counter()
     model.train()
@@ -279,12 +301,13 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
         if skipped:
             log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
         unwrapped = accelerator.unwrap_model(model)
-        save_model(unwrapped, processor, output / "last", settings)
+        save_model(unwrapped, processor, output / "last", settings, card(final_metrics, step))
         if best["score"] is None:
-            save_model(unwrapped, processor, output / "best", settings)
+            save_model(unwrapped, processor, output / "best", settings, card(final_metrics, step))
         write_json(output / "summary.json", {"steps": step, "best_step": best["step"], "best_score": best["score"],
                                              "best_metric": cfg.train.best_metric, "final_metrics": final_metrics,
-                                             "skipped_samples": skipped})
+                                             "skipped_samples": skipped, "data": data_counts})
+        write_report(output)
     metrics_log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

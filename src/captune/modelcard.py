@@ -1,0 +1,107 @@
+"""The README.md model card saved beside every model captune writes (best/, last/), in the Hugging Face format.
+
+YAML front matter (library_name, pipeline_tag, base_model, tags, metrics) then prose: base model, data,
+hyperparameters, validation metrics, and a usage snippet that needs plain transformers only, not captune.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .model import TINY
+
+# Metric ids on the Hugging Face Hub (huggingface.co/metrics) for the scores captune reports.
+HUB_METRICS = ("bleu", "meteor", "rouge", "cider")
+CARD_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
+
+
+def hub_base_model(name: str) -> str | None:
+    """`name` when it reads as a Hub id (`owner/model`, not a local path nor the tiny preset); else None.
+
+    The Hub rejects a `base_model` that is not a repository id, so local starting points stay in the prose only.
+    """
+    if name == TINY or name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).expanduser().exists():
+        return None
+    return name
+
+
+def model_card(
+    *,
+    base_model: str,
+    data: dict,
+    hyperparameters: dict,
+    metrics: dict | None,
+    generation: dict,
+    prompt: str = "",
+    step: int | None = None,
+) -> str:
+    """Render the model card.
+
+    Args:
+        base_model: what training started from (hub id, local directory or `tiny`).
+        data: dataset facts: `path` and counts such as `train_images`, `validation_images`.
+        hyperparameters: name -> value (the `train` section of the resolved config).
+        metrics: validation metrics of this model (None or empty when there was no validation).
+        generation: decoding options validation used (num_beams, max_new_tokens, min_new_tokens).
+        prompt: caption prefix used in training; captions must be generated from it.
+        step: optimizer step these weights are from.
+
+    Returns:
+        The README.md text.
+    """
+    front = {"library_name": "transformers", "pipeline_tag": "image-to-text"}
+    hub_id = hub_base_model(base_model)
+    if hub_id:
+        front["base_model"] = hub_id
+    front["tags"] = ["image-captioning", "blip", "captune"]
+    front["metrics"] = list(HUB_METRICS)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", "# BLIP captioner fine-tuned with captune", ""]
+    lines += [
+        f"A `BlipForConditionalGeneration` image captioner fine-tuned from `{base_model}`"
+        + (f", weights from optimizer step {step}." if step is not None else "."),
+        "",
+        "## Base model",
+        "",
+        f"`{base_model}`" + ("" if hub_id else " (not a Hugging Face Hub id: a local directory or captune's "
+                                                 "randomly initialised `tiny` preset)."),
+        "",
+        "## Data",
+        "",
+    ]
+    lines += [f"- {key.replace('_', ' ')}: {value}" for key, value in data.items()]
+    lines += ["", "## Hyperparameters", "", "| name | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in hyperparameters.items()]
+    lines += ["", "## Validation metrics", ""]
+    if metrics:
+        decoding = ", ".join(f"{k} {v}" for k, v in generation.items())
+        lines += [f"COCO caption metrics (pycocoevalcap scorers) on the validation images; decoding: {decoding}.", "",
+                  "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {metrics[k]:.4f} |" for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
+    else:
+        lines.append("No validation data was given, so no metrics were computed.")
+    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", usage_snippet(prompt, generation), ""]
+    return "\n".join(lines)
+
+
+def usage_snippet(prompt: str, generation: dict) -> str:
+    """A runnable Python block; MODEL is this directory or the Hub repo it is uploaded to."""
+    kwargs = ", ".join(f"{k}={v}" for k, v in generation.items())
+    text = f", text={prompt!r}" if prompt else ""
+    # generate() returns [DEC] + the prompt's tokens + the caption; the prompt is [CLS] + tokens + [SEP] long.
+    start = '[inputs["input_ids"].shape[1] - 1:]' if prompt else ""
+    return f"""```python
+from PIL import Image
+from transformers import BlipForConditionalGeneration, BlipProcessor
+
+MODEL = "path/to/this/directory"  # or the Hub repo id you uploaded it to
+processor = BlipProcessor.from_pretrained(MODEL)
+model = BlipForConditionalGeneration.from_pretrained(MODEL).eval()
+
+image = Image.open("photo.jpg").convert("RGB")
+inputs = processor(images=image{text}, return_tensors="pt")
+output = model.generate(**inputs{', ' + kwargs if kwargs else ''})
+caption = processor.decode(output[0]{start}, skip_special_tokens=True){"  # without the prompt" if prompt else ""}
+print(caption)
+```"""
