@@ -112,7 +112,7 @@ def test_check_clean_dataset_and_text_report(tmp_path, capsys):
 def test_training_skips_and_counts_bad_samples(tmp_path):
     root = bad_folder(tmp_path / "data")
     run = tmp_path / "run"
-    code = main(["-q", "train", "--data", str(root), "--model", "tiny", "--output", str(run), "--max-steps", "2",
+    code = main(["-q", "train", "--data", str(root), "--model", "tiny", "--output", str(run), "--epochs", "1",
                  "--batch-size", "4", "--num-workers", "2", "--set", "data.max_image_pixels=5000",
                  "--set", "train.log_every_steps=1"])
     assert code == 0

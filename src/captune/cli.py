@@ -176,6 +176,8 @@ def _setup_logging(quiet: bool) -> None:
         handler.setFormatter(logging.Formatter("captune: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    # Point at the current stderr on every call: main() may run many times in one process (tests, notebooks).
+    logger.handlers[0].stream = sys.stderr
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     import transformers
 
