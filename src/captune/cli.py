@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML recipe (see configs/); flags and --set override it")
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    train.add_argument("--batch-size", type=int, help="pairs per process per step")
+    train.add_argument("--batch-size", type=_batch_size, help="pairs per process per step, or 'auto' (GPU: the largest that fits)")
     train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--val-split", type=float, help="hold out this fraction of images when the data has no validation/ folder")
@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--num-workers", type=int, help="DataLoader workers")
     train.add_argument("--eval-every", type=int, help="also validate every N optimizer steps")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
+    train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
+                       "or a comma list of tensorboard, wandb, mlflow")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
 
@@ -70,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     caption.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     _generation_flags(caption, beams=None, min_tokens=None)
+
+    export = commands.add_parser("export", help="write a plain transformers model directory (LoRA merged in)",
+                                 description="Exports RUN/best (or a model/adapter directory) as a directory that "
+                                 "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
+    export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
+    export.add_argument("--output", required=True, help="directory to write")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_caption(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "export":
+            return cmd_export(args)
         raise AssertionError(args.command)
     except CaptuneError as exc:
         print(f"captune: error: {exc}", file=sys.stderr)
@@ -124,6 +139,8 @@ def train_overrides(args) -> dict:
         ("data", "val_split"): args.val_split, ("data", "prompt"): args.prompt,
         ("train", "mixed_precision"): args.mixed_precision, ("train", "seed"): args.seed,
         ("data", "num_workers"): args.num_workers, ("train", "eval_every_steps"): args.eval_every,
+        ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
+        ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
     }
     values: dict = {}
     for path, value in flags.items():
@@ -140,14 +157,24 @@ def cmd_train(args) -> int:
     from .config import apply_override, from_dict, load_config, to_dict
     from .train import train
 
-    cfg = load_config(args.config, train_overrides(args))
+    recipe = args.config
+    if args.resume and recipe is None:
+        if not args.output:
+            raise CaptuneError("--resume needs --output RUN (the run directory to continue)")
+        recipe = Path(args.output) / "config.yaml"
+        if not recipe.is_file():
+            raise CaptuneError(f"--resume: {recipe} not found; is {args.output} a captune run directory?")
+    cfg = load_config(recipe, train_overrides(args))
     values = to_dict(cfg)
     for assignment in args.set:
         apply_override(values, assignment)
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
+    if result.interrupted:
+        # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
+        return 0
     log.info("done: %d steps; best %s %s at step %s; models in %s/best and %s/last", result.steps,
              cfg.train.best_metric, _fmt(result.best_score), result.best_step, result.output, result.output)
     return 0
@@ -204,6 +231,23 @@ def cmd_caption(args) -> int:
     for caption in caption_images(model, processor, images, options, batch_size=args.batch_size):
         print(caption)
     return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_merged
+
+    output = export_merged(args.run, args.output)
+    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    return 0
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def cmd_demo(args) -> int:
