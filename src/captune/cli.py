@@ -161,9 +161,8 @@ def cmd_train(args) -> int:
     if args.resume and recipe is None:
         if not args.output:
             raise CaptuneError("--resume needs --output RUN (the run directory to continue)")
-        recipe = Path(args.output) / "config.yaml"
-        if not recipe.is_file():
-            raise CaptuneError(f"--resume: {recipe} not found; is {args.output} a captune run directory?")
+        saved = Path(args.output) / "config.yaml"
+        recipe = saved if saved.is_file() else None  # a run killed before it wrote anything: flags alone
     cfg = load_config(recipe, train_overrides(args))
     values = to_dict(cfg)
     for assignment in args.set:
