@@ -61,7 +61,7 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
     batch_size: int | Literal["auto"] = 16
-    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, halving from 256."""
+    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256."""
     grad_accum: int = 1
     """Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes)."""
     lr: float = 1e-5

@@ -158,7 +158,7 @@ def find_batch_size(model, collator, pairs, accelerator, start: int = AUTO_BATCH
 
 
 def probe_batch_size(fits, start: int) -> int:
-    """Halve from `start` until `fits(batch_size)` runs without an out-of-memory error (Accelerate's helper)."""
+    """Shrink from `start` until `fits(batch_size)` runs without an out-of-memory error (Accelerate's helper)."""
     from accelerate.utils import find_executable_batch_size
 
     @find_executable_batch_size(starting_batch_size=start)
