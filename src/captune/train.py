@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,11 @@ def resolve_mixed_precision(mode: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def launched_on_cpus() -> bool:
+    """True under a multi-process launcher (torchrun, accelerate launch) on a machine without CUDA."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def resolve_trackers(report_to: str) -> list[str]:
@@ -164,6 +170,9 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
     output = Path(cfg.output)
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
+        # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
+        # alone (writing the same files); with it, CPU processes join one gloo group.
+        cpu=launched_on_cpus(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
     )
