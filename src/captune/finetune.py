@@ -76,7 +76,11 @@ def apply_mode(model, mode: str, *, lora_rank: int = 16, lora_alpha: int = 32, l
 def enable_gradient_checkpointing(model) -> None:
     """Recompute activations during backward. Non-reentrant, so frozen inputs (LoRA) still get gradients."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x name; the old one warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def is_adapter_dir(path) -> bool:
