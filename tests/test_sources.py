@@ -122,3 +122,24 @@ def test_caption_sampling_random_one_per_image(tmp_path):
 def test_sniff_errors(tmp_path, make, message):
     with pytest.raises(CaptuneError, match=message):
         build_dataset(make(tmp_path / "data"))
+
+
+def test_eval_scores_a_karpathy_test_split(tmp_path, tiny, synthetic_dir, capsys):
+    import json as _json
+
+    from captune.cli import main
+
+    path = karpathy_json(tmp_path / "coco")
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(path), "--split", "test",
+                 "--output", str(out), "--max-new-tokens", "3"]) == 0
+    predictions = [_json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["val2014/img3.png"]
+    assert predictions[0]["references"] == ["caption 3 a", "caption 3 b"]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(synthetic_dir),
+                 "--split", "test", "--output", str(out)]) == 2
+    assert "has no test split" in capsys.readouterr().err

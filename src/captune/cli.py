@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML recipe (see configs/); flags and --set override it")
     train.add_argument("--epochs", type=int)
     train.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    train.add_argument("--batch-size", type=int, help="pairs per process per step")
+    train.add_argument("--batch-size", type=_batch_size, help="pairs per process per step, or 'auto' (GPU: the largest that fits)")
     train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     train.add_argument("--lr", type=float, help="peak learning rate")
     train.add_argument("--val-split", type=float, help="hold out this fraction of images when the data has no validation/ folder")
@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "default) or stop")
     train.add_argument("--caption-sampling", choices=["all", "random"],
                        help="several captions per image: every pair per epoch (default) or one drawn at random")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
+    train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
+                       "or a comma list of tensorboard, wandb, mlflow")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
 
@@ -82,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "repeat to compare models, e.g. --model tiny --model runs/x")
     evaluate.add_argument("--data", required=True, help="image folder with metadata")
     evaluate.add_argument("--output", required=True, help="directory for metrics.json and predictions.jsonl")
-    evaluate.add_argument("--split", choices=["auto", "train", "validation"], default="auto",
-                          help="which split to score; auto = validation/ when the folder has one, else all images")
+    evaluate.add_argument("--split", choices=["auto", "train", "validation", "test"], default="auto",
+                          help="which split to score; auto = the validation split when the data has one, else all "
+                          "images; test = a Karpathy file's test split")
+    _data_flags(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32, help="images per generation batch (default 32)")
     _generation_flags(evaluate, beams=None, min_tokens=None)
 
@@ -133,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "training wrote (config.yaml, metrics.jsonl, summary.json, val_predictions*.jsonl).")
     report.add_argument("run", metavar="RUN", help="run directory (the --output of `captune train`)")
 
+    export = commands.add_parser("export", help="write a plain transformers model directory (LoRA merged in)",
+                                 description="Exports RUN/best (or a model/adapter directory) as a directory that "
+                                 "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
+    export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
+    export.add_argument("--output", required=True, help="directory to write")
+
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "export":
+            return cmd_export(args)
         raise AssertionError(args.command)
     except CaptuneError as exc:
         print(f"captune: error: {exc}", file=sys.stderr)
@@ -200,6 +217,8 @@ def train_overrides(args) -> dict:
         ("data", "image_column"): args.image_column, ("data", "caption_column"): args.caption_column,
         ("data", "train_split"): args.train_split, ("data", "eval_split"): args.eval_split,
         ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
+        ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
+        ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
     }
     values: dict = {}
     for path, value in flags.items():
@@ -216,14 +235,23 @@ def cmd_train(args) -> int:
     from .config import apply_override, from_dict, load_config, to_dict
     from .train import train
 
-    cfg = load_config(args.config, train_overrides(args))
+    recipe = args.config
+    if args.resume and recipe is None:
+        if not args.output:
+            raise CaptuneError("--resume needs --output RUN (the run directory to continue)")
+        saved = Path(args.output) / "config.yaml"
+        recipe = saved if saved.is_file() else None  # a run killed before it wrote anything: flags alone
+    cfg = load_config(recipe, train_overrides(args))
     values = to_dict(cfg)
     for assignment in args.set:
         apply_override(values, assignment)
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
+    if result.interrupted:
+        # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
+        return 0
     log.info("done: %d steps; best %s %s at step %s; models in %s/best and %s/last", result.steps,
              cfg.train.best_metric, _fmt(result.best_score), result.best_step, result.output, result.output)
     return 0
@@ -273,14 +301,22 @@ def cmd_eval(args) -> int:
     import torch
     from accelerate import Accelerator
 
-    from .data import build_dataset
+    from .data import Shards, build_dataset
     from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
     from .model import load_captune_settings, load_model_and_processor
 
-    data = build_dataset(args.data)
-    if args.split == "validation" and not data.validation:
-        raise CaptuneError(f"--split validation: {args.data} has no validation/ (or val/, test/) folder")
-    samples = data.train if args.split == "train" else (data.validation or data.train)
+    data = build_dataset(
+        args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
+        image_column=args.image_column or "", caption_column=args.caption_column or "",
+        train_split=args.train_split or "train", eval_split=args.eval_split or "",
+    )
+    splits = {"train": data.train, "validation": data.validation, "test": data.test}
+    samples = (data.validation or data.train) if args.split == "auto" else splits[args.split]
+    if not samples:
+        raise CaptuneError(f"--split {args.split}: {args.data} has no {args.split} split")
+    if isinstance(samples, Shards):
+        raise CaptuneError(f"{args.data}: tar shards are streamed for training only; evaluate on a folder, COCO or "
+                           "datasets copy of the held-out images")
     # Under torchrun / accelerate launch each process captions a shard; evaluate() gathers them. cpu=True on a
     # CUDA-less machine: without it Accelerate ignores torchrun's WORLD_SIZE there and every process runs alone.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -366,6 +402,23 @@ def cmd_serve(args) -> int:
     captioner = Captioner.load(args.model, device=args.device)
     run_server(captioner, host=args.host, port=args.port, limits=limits)
     return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_merged
+
+    output = export_merged(args.run, args.output)
+    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    return 0
+
+
+def _batch_size(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def cmd_demo(args) -> int:

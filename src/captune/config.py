@@ -86,8 +86,8 @@ class TrainConfig:
     """Passes over the training pairs."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
-    batch_size: int = 16
-    """Image-caption pairs per process per forward pass."""
+    batch_size: int | Literal["auto"] = 16
+    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256."""
     grad_accum: int = 1
     """Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes)."""
     lr: float = 1e-5
@@ -112,11 +112,38 @@ class TrainConfig:
     """Write a training line to metrics.jsonl every N optimizer steps."""
     best_metric: str = "cider"
     """Validation metric that picks best/ (higher is better); `cider+bleu_4` sums the two, as the BLIP recipe."""
+    mode: Literal["full", "frozen-vision", "lora"] = "full"
+    """What trains: everything, everything but the vision encoder, or LoRA adapters (base weights frozen)."""
+    lora_rank: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch input."""
+    lora_targets: str = "query,value"
+    """Comma-separated Linear names in the text decoder's self- and cross-attention (query, key, value, dense)."""
+    lora_vision: bool = False
+    """Also put LoRA on the vision encoder's attention (its fused qkv and output projection)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    save_every_steps: int = 0
+    """Write a resumable checkpoint to RUN/checkpoints/ every N optimizer steps (0 = only at epoch ends)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints in RUN/checkpoints/ (older ones are deleted)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: stop the run (checkpoints on disk stay good) or skip that optimizer step."""
+    early_stopping_patience: int = 0
+    """Stop after this many validations without a better best_metric (0 = never stop early)."""
+    report_to: str = "auto"
+    """Trackers besides metrics.jsonl: `auto` (TensorBoard when installed), `none`, or a comma list of
+    tensorboard, wandb, mlflow."""
 
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
-        for name in ("batch_size", "grad_accum", "log_every_steps"):
+        if self.batch_size != "auto" and self.batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1 or auto, got {self.batch_size}")
+        for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -127,6 +154,16 @@ class TrainConfig:
             raise ValueError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_steps < 0 or self.eval_every_steps < 0:
             raise ValueError("train.max_steps and train.eval_every_steps must be >= 0")
+        if self.save_every_steps < 0 or self.early_stopping_patience < 0:
+            raise ValueError("train.save_every_steps and train.early_stopping_patience must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+            raise ValueError("train.lora_targets must name at least one module (e.g. query,value)")
+        trackers = {t.strip() for t in self.report_to.split(",")}
+        if not trackers <= {"auto", "none", "tensorboard", "wandb", "mlflow"}:
+            raise ValueError(f"train.report_to must be auto, none, or a comma list of tensorboard, wandb, mlflow; "
+                             f"got {self.report_to!r}")
 
 
 @dataclass
@@ -202,7 +239,14 @@ def _coerce(value, kind, dotted: str):
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(kind) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], dotted)
+        if value is None:
+            return None
+        for arg in args[:-1]:  # e.g. `int | Literal["auto"]`: the first type that accepts the value
+            try:
+                return _coerce(value, arg, dotted)
+            except CaptuneError:
+                pass
+        return _coerce(value, args[-1], dotted)
     if kind is bool:
         if isinstance(value, bool):
             return value

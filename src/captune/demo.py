@@ -55,7 +55,7 @@ def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRA
     print("\nExamples (reference | before | after):")
     for example in examples:
         print(f"  {example['reference']:<22} | {example['before'][:30]:<30} | {example['after']}")
-    print(f"\nRun directory: {output} (best/, last/, metrics.jsonl, demo.json)")
+    print(f"\nRun directory: {output} (best/, last/, metrics.jsonl, demo.json; open report.html in a browser)")
     return summary
 
 

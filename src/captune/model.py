@@ -92,7 +92,8 @@ def load_model_and_processor(name: str, *, seed: int = 0) -> tuple[BlipForCondit
     """Load model and processor.
 
     Args:
-        name: `tiny`, a local directory written by `save_pretrained`, or a Hugging Face hub id.
+        name: `tiny`, a local directory written by `save_pretrained` (a LoRA adapter directory too: its base model,
+            named in captune.json, is loaded and the adapter merged in), or a Hugging Face hub id.
         seed: seeds the random initialisation of the `tiny` preset.
 
     Raises:
@@ -106,6 +107,8 @@ def load_model_and_processor(name: str, *, seed: int = 0) -> tuple[BlipForCondit
         return model, processor
     path = Path(name).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").is_file():
+            return _from_adapter(path)
         if not (path / "config.json").is_file():
             raise CaptuneError(
                 f"model directory {path} has no config.json: pass a directory written by save_pretrained "
@@ -155,6 +158,27 @@ def _from_pretrained(name: str, local_files_only: bool):
 
 
 SETTINGS_FILE = "captune.json"
+
+
+def _from_adapter(path: Path):
+    """A LoRA run's best/ or last/: rebuild the base model named in captune.json, put the adapter on, merge."""
+    from .finetune import load_adapter
+
+    settings = load_captune_settings(str(path))
+    base = settings.get("base_model")
+    if not base:
+        try:
+            base = json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            base = None
+    if not base:
+        raise CaptuneError(f"LoRA adapter {path} does not name its base model: add \"base_model\" to {path / SETTINGS_FILE}")
+    model, _ = load_model_and_processor(base, seed=settings.get("base_seed", 0))
+    try:
+        processor = BlipProcessor.from_pretrained(str(path), local_files_only=True)
+    except OSError:  # an adapter saved without its processor: the base's is the same
+        _, processor = load_model_and_processor(base, seed=settings.get("base_seed", 0))
+    return load_adapter(model, str(path), merge=True), processor
 
 
 def load_captune_settings(name: str) -> dict:

@@ -212,6 +212,8 @@ class BodyLimit:
             except ValueError:
                 return await _send_error(send, 400, "Content-Length is not a number")
             if size > self.max_bytes:
+                if size <= DRAIN_FACTOR * self.max_bytes:
+                    await _drain(receive, DRAIN_FACTOR * self.max_bytes)
                 return await _send_error(send, 413, self._too_big(f"{size} bytes declared"))
         body = bytearray()
         while True:
@@ -220,6 +222,8 @@ class BodyLimit:
                 return
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
+                if message.get("more_body", False):
+                    await _drain(receive, (DRAIN_FACTOR - 1) * self.max_bytes)
                 return await _send_error(send, 413, self._too_big(f"more than {self.max_bytes} bytes sent"))
             if not message.get("more_body", False):
                 break
@@ -236,6 +240,21 @@ class BodyLimit:
 
     def _too_big(self, what: str) -> str:
         return f"request body too large ({what}); the limit is {self.max_bytes} bytes (captune serve --max-upload-mb)"
+
+
+# A body somewhat over the limit is read and dropped before the 413: answering mid-upload makes most HTTP clients
+# report a connection reset instead of the answer. Far larger bodies are refused at once (the connection closes).
+DRAIN_FACTOR = 4
+
+
+async def _drain(receive, max_bytes: int) -> None:
+    """Read and discard request body messages until the body ends, the client leaves or `max_bytes` were read."""
+    read = 0
+    while read <= max_bytes:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+        read += len(message.get("body", b""))
 
 
 async def _send_error(send, status: int, message: str) -> None:

@@ -1,11 +1,11 @@
-"""The training loop: Accelerate, AdamW, warmup + cosine, validation, best/ and last/."""
+"""The training loop: Accelerate, AdamW, warmup + cosine, validation, best/ and last/, checkpoints and resume."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +18,22 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from .config import Config, save_config
+from .checkpoint import (
+    EpochSampler, StopRequests, clear_run_state, latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
+    save_checkpoint, save_model, truncate_lines,
+)
+from .config import Config, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
 from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
 from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
+from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
 from .generate import GenerationOptions
-from .model import SETTINGS_FILE, count_parameters, load_model_and_processor
+from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+
+__all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
 
 log = logging.getLogger("captune")
 
@@ -39,6 +46,8 @@ class TrainResult:
     best_step: int | None
     final_metrics: dict = field(default_factory=dict)
     """Validation metrics of the last evaluation (empty without validation data)."""
+    interrupted: str | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run after a checkpoint; None when it ran to the end."""
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -48,6 +57,30 @@ def resolve_mixed_precision(mode: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def launched_on_cpus() -> bool:
+    """True under a multi-process launcher (torchrun, accelerate launch) on a machine without CUDA."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_trackers(report_to: str) -> list[str]:
+    """Accelerate tracker names for `train.report_to`; `auto` = TensorBoard when it is installed.
+
+    Raises:
+        CaptuneError: a tracker was asked for whose package is not installed.
+    """
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names == ["auto"]:
+        return ["tensorboard"] if is_tensorboard_available() else []
+    chosen = [n for n in names if n not in ("none", "auto")]
+    for name in chosen:
+        if not available[name]():
+            raise CaptuneError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+    return chosen
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -91,31 +124,18 @@ def selection_score(metrics: dict, best_metric: str) -> float:
     return total
 
 
-def save_model(model, processor, directory: Path, settings: dict | None = None, card: str | None = None) -> None:
-    """save_pretrained (safetensors) of model and processor, via a temporary directory then a rename.
-
-    `settings` (prompt, generation options) go to captune.json beside them, so `captune caption` and `eval`
-    decode as training validated; `card` (a model card, see modelcard.py) goes to README.md.
-    """
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    if settings is not None:
-        write_json(tmp / SETTINGS_FILE, settings)
-    if card is not None:
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-
-
 class MetricsLog:
-    """Appends one JSON object a line to RUN/metrics.jsonl (main process only), flushed each line."""
+    """Appends one JSON object a line to RUN/metrics.jsonl (main process only), flushed each line.
 
-    def __init__(self, path: Path, enabled: bool):
+    `lines` counts the file's lines so a checkpoint can record how far the log had got.
+    """
+
+    def __init__(self, path: Path, enabled: bool, lines: int = 0):
         self.handle = open(path, "a", encoding="utf-8") if enabled else None
+        self.lines = lines
 
     def write(self, **record) -> None:
+        self.lines += 1
         if self.handle:
             self.handle.write(json.dumps(record) + "\n")
             self.handle.flush()
@@ -125,27 +145,44 @@ class MetricsLog:
             self.handle.close()
 
 
-def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
+def flat_config(cfg: Config) -> dict:
+    """The config as `section.key: value` scalars, the shape trackers' hyper-parameter tables take."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            flat[f"{section}.{key}" if key else section] = value
+    return flat
+
+
+def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> TrainResult:
     """Fine-tune a BLIP captioner as `cfg` says and write the run directory.
 
     Args:
         cfg: the resolved configuration.
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
+        resume: continue from the newest complete checkpoint in RUN/checkpoints/ (from scratch when none).
 
     Returns:
         TrainResult with the run directory and the best validation score.
 
     Raises:
-        CaptuneError: bad data, model or configuration.
+        CaptuneError: bad data, model or configuration, or a non-finite loss with `train.on_nonfinite: stop`.
     """
+    output = Path(cfg.output)
+    trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
+        # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
+        # alone (writing the same files); with it, CPU processes join one gloo group.
+        cpu=launched_on_cpus(),
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum,
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
     )
     main = accelerator.is_main_process
     set_seed(cfg.train.seed)
-    output = Path(cfg.output)
+    checkpoint = latest_checkpoint(output) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s/checkpoints; starting from the beginning", output)
     data = build_dataset(
         cfg.data.path, cfg.data.val_split, cfg.train.seed, data_format=cfg.data.format, image_root=cfg.data.image_root,
         image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
@@ -156,20 +193,28 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
     validation = data.validation[: cfg.data.max_val_images or None]
     if model is None:
         model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
+    t = cfg.train
+    model = apply_mode(model, t.mode, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                       lora_targets=t.lora_targets, lora_vision=t.lora_vision)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if main:
         output.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            clear_run_state(output)
+        remove_partial_checkpoints(output)
         save_config(cfg, output / "config.yaml")
-        trainable, total = count_parameters(model)
         log.info(
-            "training %s on %d images (%d captions), validating on %d images; %s of %s parameters trainable; "
-            "%s on %d process(es), precision %s",
-            cfg.model.name, len(data.train), count_captions(data.train), len(validation),
-            f"{trainable:,}", f"{total:,}", accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
+            "training %s (mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d process(es), "
+            "precision %s", cfg.model.name, t.mode, len(data.train), count_captions(data.train),
+            len(validation), freeze_summary(model), accelerator.device, accelerator.num_processes,
+            accelerator.mixed_precision,
         )
         if not validation:
             log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
         for item in skipped:
             log.warning("skipped %s", item["reason"])
+    accelerator.wait_for_everyone()
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     size = processor.image_processor.size["height"]
@@ -180,64 +225,91 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
                             augment_size=size if cfg.data.augment else 0,
                             normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
     )
+    # Streamed shards split themselves per process and worker (data/wds.py): no sampler, no second split.
     streamed = isinstance(items, IterableDataset)
+    batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, items, accelerator)
+    # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
+    sampler = None if streamed else EpochSampler(len(items), t.seed)
     loader = DataLoader(
-        items, batch_size=cfg.train.batch_size, shuffle=not streamed, collate_fn=collator,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed),
+        items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available(),
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    if streamed:  # the stream already splits itself per process and worker (data/wds.py): no second split
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr)
+    if streamed:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    steps_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process).
+    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so it is
+    # registered for save_state explicitly.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * total_steps), num_training_steps=total_steps,
-        min_lr_rate=cfg.train.min_lr_ratio,
+        optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps,
+        min_lr_rate=t.min_lr_ratio,
     )
-    metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main)
+    accelerator.register_for_checkpointing(scheduler)
+    # Everything the loop needs to continue exactly where a checkpoint left off.
+    state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
+             "validated_step": None, "skipped": skipped}
+    step = 0
+    if checkpoint is not None:
+        state = load_checkpoint(accelerator, checkpoint)
+        step = state.pop("step")
+        if main:
+            truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
+        log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
+    metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
+    if trackers:
+        accelerator.init_trackers("captune", config=flat_config(cfg))
     options = eval_options(cfg)
-    settings = {"base_model": cfg.model.name, "prompt": cfg.data.prompt,
+    settings = {"base_model": cfg.model.name, "base_seed": t.seed, "mode": t.mode, "prompt": cfg.data.prompt,
                 "max_caption_tokens": cfg.data.max_caption_tokens,
                 "generation": {"num_beams": options.num_beams, "max_new_tokens": options.max_new_tokens,
                                "min_new_tokens": options.min_new_tokens}}
-    best = {"score": None, "step": None, "validated": None}
     final_metrics: dict = {}
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
                    "validation_captions": sum(len(s.captions) for s in validation)}
 
-    def card(metrics: dict, step: int) -> str:
+    def card(metrics: dict, at_step: int) -> str:
         return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
-                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=step)
+                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step)
 
-    def validate(step: int, epoch: int, final: bool = False) -> None:
+    def validate(epoch: int, final: bool = False) -> None:
         nonlocal final_metrics
-        if not validation or (best["validated"] == step and not final):
+        if not validation or (state["validated_step"] == step and not final):
             return  # an epoch end can coincide with an eval_every_steps step
-        best["validated"] = step
+        state["validated_step"] = step
         # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
         result = evaluate(
             model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
             num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
         )
         final_metrics = result.metrics
-        score = selection_score(result.metrics, cfg.train.best_metric)
+        score = selection_score(result.metrics, t.best_metric)
+        # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
+        improved = state["best_score"] is None or score > state["best_score"]
+        state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
+        if improved:
+            state.update(best_score=score, best_step=step)
         if main:
             metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
+            accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step=step)
             write_jsonl(output / "val_predictions.jsonl", result.predictions)
             log.info("step %d validation: %s", step, _format_metrics(result.metrics))
-            if best["score"] is None or score > best["score"]:
-                best.update(score=score, step=step)
+            if improved:
                 save_model(accelerator.unwrap_model(model), processor, output / "best", settings,
                            card(result.metrics, step))
         accelerator.wait_for_everyone()
 
-    if validation and cfg.eval.caption_before:
+    def checkpoint_now() -> None:
+        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
+
+    def patience_spent() -> bool:
+        return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
+
+    if validation and cfg.eval.caption_before and checkpoint is None:
         # The report's "before" captions: the untouched model, decoded exactly as validation will decode.
         before = evaluate(model, processor, validation, options, accelerator=accelerator,
                           batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
@@ -247,72 +319,124 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
             log.info("before training: %s", _format_metrics(before.metrics))
 
-    step, seen, tick = 0, 0, time.perf_counter()
+    seen, tick, interrupted = 0, time.perf_counter(), None
+    loss_sum, micro = torch.zeros((), device=accelerator.device), 0
     model.train()
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not accelerator.is_local_main_process)
-    for epoch in range(epochs):
-        for batch in loader:
-            for item in batch.pop("skipped", []):
-                if cfg.data.on_bad_sample == "error":
-                    raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
-                log.warning("skipped %s", item["reason"])
-                skipped.append(item)
-            if "input_ids" not in batch:
-                continue  # every item of this batch was bad
-            if streamed:
-                batch = send_to_device(batch, accelerator.device)
-            with accelerator.accumulate(model):
-                outputs = model(
-                    pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                )
-                loss = caption_loss(outputs.logits, batch["labels"], cfg.train.label_smoothing)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch["input_ids"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            loss_value = loss.item()  # note: a device sync, once per optimizer step
-            if not math.isfinite(loss_value):
-                raise CaptuneError(f"loss is {loss_value} at step {step}: lower train.lr or use mixed_precision no", 1)
-            rate = seen / max(time.perf_counter() - tick, 1e-9)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            bar.update()
-            if step % cfg.train.log_every_steps == 0 or step == 1:
-                metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate)
-                seen, tick = 0, time.perf_counter()
-            if cfg.train.eval_every_steps and step % cfg.train.eval_every_steps == 0 and step < total_steps:
-                validate(step, epoch)
-            if step >= total_steps:
-                break
-        if step >= total_steps or epoch == epochs - 1:
-            break
-        validate(step, epoch)
-    bar.close()
-    validate(step, epochs - 1, final=True)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    with StopRequests() as stop:
+        try:
+            while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
+                epoch = state["epoch"]
+                sampler.set_order(epoch)
+                batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
+                for batch in batches:
+                    state["batch"] += 1
+                    for item in batch.pop("skipped", []):
+                        if cfg.data.on_bad_sample == "error":
+                            raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
+                        log.warning("skipped %s", item["reason"])
+                        state["skipped"].append(item)
+                    if "input_ids" not in batch:
+                        continue  # every item of this batch was bad
+                    if streamed:
+                        batch = send_to_device(batch, accelerator.device)
+                    with accelerator.accumulate(model):
+                        outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                                        attention_mask=batch["attention_mask"])
+                        loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
+                        accelerator.backward(loss)
+                    loss_sum, micro = loss_sum + loss.detach(), micro + 1
+                    seen += batch["input_ids"].shape[0] * accelerator.num_processes
+                    if not accelerator.sync_gradients:
+                        continue
+                    step += 1
+                    # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
+                    loss_value, bad, signalled = _agree(accelerator, loss_sum / micro, stop.requested is not None)
+                    loss_sum, micro = torch.zeros_like(loss_sum), 0
+                    if bad and t.on_nonfinite == "stop":
+                        last_good = latest_checkpoint(output)
+                        raise CaptuneError(
+                            f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
+                            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
+                            "rerun with --resume, or set train.on_nonfinite=skip", 1)
+                    if bad:
+                        log.warning("loss is %s at step %d: skipping this optimizer step", loss_value, step)
+                    else:
+                        if t.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    lr = scheduler.get_last_lr()[0]
+                    scheduler.step()
+                    rate = seen / max(time.perf_counter() - tick, 1e-9)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                    bar.update()
+                    if step % t.log_every_steps == 0 or step == 1:
+                        metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
+                                          samples_per_s=rate)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                        seen, tick = 0, time.perf_counter()
+                    if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
+                        validate(epoch)
+                    if step >= total_steps or patience_spent():
+                        break
+                    # The epoch-end checkpoint, after validation, covers a periodic save falling on the last batch.
+                    epoch_done = state["batch"] == len(loader)
+                    if signalled or (t.save_every_steps and step % t.save_every_steps == 0 and not epoch_done):
+                        checkpoint_now()
+                    if signalled:
+                        interrupted = stop.requested or "a signal on another process"
+                        break
+                else:
+                    state.update(epoch=epoch + 1, batch=0)
+                    if state["epoch"] < epochs:
+                        validate(epoch)
+                    checkpoint_now()
+        except BaseException:
+            metrics_log.close()
+            raise
+        finally:
+            bar.close()
+    if interrupted:
+        metrics_log.close()
+        log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
+                    interrupted, step, output)
+        accelerator.end_training()
+        return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
+                           interrupted=interrupted)
+    if patience_spent():
+        log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
+                 t.early_stopping_patience)
+    validate(state["epoch"], final=True)
+    metrics_log.close()
+    skipped = state["skipped"]
     skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
     if main:
         if skipped:
             log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
         unwrapped = accelerator.unwrap_model(model)
         save_model(unwrapped, processor, output / "last", settings, card(final_metrics, step))
-        if best["score"] is None:
+        if state["best_score"] is None:
             save_model(unwrapped, processor, output / "best", settings, card(final_metrics, step))
-        write_json(output / "summary.json", {"steps": step, "best_step": best["step"], "best_score": best["score"],
-                                             "best_metric": cfg.train.best_metric, "final_metrics": final_metrics,
-                                             "skipped_samples": skipped, "data": data_counts})
+        write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
+                                             "best_score": state["best_score"], "best_metric": t.best_metric,
+                                             "final_metrics": final_metrics, "skipped_samples": skipped,
+                                             "data": data_counts})
         write_report(output)
-    metrics_log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(output=output, steps=step, best_score=best["score"], best_step=best["step"],
+    return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
                        final_metrics=final_metrics)
+
+
+def _agree(accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
+    """(mean loss over processes, any loss non-finite, any process asked to stop); a device sync, once a step."""
+    local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), torch.tensor(float(stop), device=loss.device)])
+    if accelerator.num_processes > 1:
+        every = accelerator.gather(local.unsqueeze(0))
+        local = torch.stack([every[:, 0].mean(), every[:, 1].max(), every[:, 2].max()])
+    loss_value, bad, signalled = local.tolist()
+    return loss_value, bad > 0, signalled > 0
 
 
 def _unique(items: list[dict]) -> list[dict]:

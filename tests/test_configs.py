@@ -1,0 +1,59 @@
+"""Every shipped recipe loads; tiny.yaml is the demo's recipe; Accelerate launch configs parse."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captune.config import DataConfig, load_config
+from captune.demo import DEMO_RECIPE
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+LAUNCH = sorted((CONFIGS / "accelerate").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    assert {p.name for p in RECIPES} >= {"tiny.yaml", "blip_base_folder.yaml", "blip_base_lora_16gb.yaml",
+                                        "blip_large.yaml", "coco_karpathy.yaml"}
+    assert {p.name for p in LAUNCH} >= {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_loads_and_starts_with_its_launch_command(path):
+    text = path.read_text()
+    assert text.startswith("#") and "captune train" in text.split("\n\n")[0].split("model:")[0]
+    values = yaml.safe_load(text)
+    if "format" in values.get("data", {}) and "format" not in {f.name for f in dataclasses.fields(DataConfig)}:
+        # data.format (the Karpathy reader) comes with the data sources work; until then check the rest.
+        values["data"].pop("format")
+    load_config(None, values)
+
+
+def test_tiny_recipe_is_the_demo_recipe():
+    values = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    assert load_config(None, values) == load_config(None, DEMO_RECIPE)
+
+
+def test_coco_karpathy_recipe_is_the_papers():
+    values = yaml.safe_load((CONFIGS / "coco_karpathy.yaml").read_text())
+    values["data"].pop("format", None)
+    cfg = load_config(None, values)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (1e-5, 0.05, 5)
+    assert cfg.train.batch_size * cfg.train.grad_accum == 256
+    assert cfg.data.prompt == "a picture of " and cfg.train.label_smoothing == 0.1
+    assert (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens) == (3, 20, 5)
+    assert cfg.train.best_metric == "cider+bleu_4"
+    assert cfg.data.path == "/data/coco/dataset_coco.json"
+
+
+@pytest.mark.parametrize("path", LAUNCH, ids=lambda p: p.name)
+def test_accelerate_launch_config_parses(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(path))
+    assert config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert path.read_text().startswith("#")
