@@ -1,0 +1,101 @@
+"""The lab notebook (notebooks/finetune_blip.ipynb) runs top to bottom and is committed without outputs.
+
+The notebook is executed by nbclient in an ipykernel started with this interpreter, with CAPTUNE_NOTEBOOK_TINY=1 (the
+tiny BLIP on synthetic data, offline, CPU) and its working directory in tmp_path, so data/ and runs/ land there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="pip install -e .[test]")
+nbclient = pytest.importorskip("nbclient", reason="pip install -e .[test]")
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "finetune_blip.ipynb"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def write_kernelspec(directory: Path) -> None:
+    """A `python3` kernelspec running ipykernel with this interpreter and the tiny-mode environment.
+
+    Found first because JUPYTER_PATH outranks every other kernelspec location, so a system-wide `python3` kernel of
+    another interpreter (without captune) cannot be picked up instead.
+    """
+    spec = directory / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (captune tests)",
+        "language": "python",
+        "env": {"CAPTUNE_NOTEBOOK_TINY": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"},
+    }))
+
+
+def code_cells(notebook) -> list:
+    return [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def text_of(cell) -> str:
+    parts = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif "data" in output:
+            parts.append(output.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+@pytest.mark.timeout(900)
+def test_notebook_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
+    write_kernelspec(tmp_path / "jupyter")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    work = tmp_path / "work"
+    work.mkdir()
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(work)}},
+        store_widget_state=True,
+    )
+    client.execute()  # raises CellExecutionError (with the cell's traceback) when any cell fails
+
+    cells = {cell.id: cell for cell in code_cells(notebook)}
+    assert "tiny on cpu" in text_of(cells["settings"]), "the kernel did not see CAPTUNE_NOTEBOOK_TINY=1"
+    # The processor section shows the [DEC] bos and -100 labels.
+    collator_text = text_of(cells["collator"])
+    assert "[DEC]" in collator_text and "-100" in collator_text
+    # Training drew its tqdm.auto progress bar as a Jupyter widget, not as text.
+    assert any(WIDGET_VIEW in output.get("data", {}) for output in cells["train"].outputs)
+    # The metrics table compares before and after, and the tiny model learned something in its few epochs.
+    table = text_of(cells["eval"])
+    assert "before" in table and "after" in table and "cider" in table
+    summary = json.loads((work / "runs" / "notebook" / "summary.json").read_text())
+    assert summary["best_score"] > 0.5, summary
+    assert (work / "runs" / "notebook" / "best" / "model.safetensors").is_file()
+    assert (work / "data" / "synthetic" / "train" / "metadata.jsonl").is_file()
+    # Figures (the data grid, the captions after training) were drawn.
+    assert any("image/png" in output.get("data", {}) for output in cells["look"].outputs)
+    assert "nothing pushed" in text_of(cells["hub"])
+
+
+def test_committed_notebook_has_no_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    cells = code_cells(notebook)
+    assert cells
+    for cell in cells:
+        assert cell.outputs == [], f"cell {cell.id} has outputs: clear them before committing"
+        assert cell.execution_count is None, f"cell {cell.id} has an execution count: clear outputs"
+    assert "widgets" not in notebook.metadata, "widget state is committed: clear outputs"
+
+
+def test_notebook_defaults_to_blip_base_and_does_not_push():
+    """Without CAPTUNE_NOTEBOOK_TINY the lab trains BLIP-base, and the Hub cell is off unless the user turns it on."""
+    sources = {cell.id: cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4))}
+    assert 'os.environ.get("CAPTUNE_NOTEBOOK_TINY") == "1"' in sources["settings"]
+    assert '"Salesforce/blip-image-captioning-base"' in sources["settings"]
+    assert "PUSH_TO_HUB = False" in sources["hub"]
