@@ -131,3 +131,23 @@ def test_training_on_bad_sample_error_stops_with_a_message(tmp_path, capsys):
                  "--max-steps", "1", "--on-bad-sample", "error", "--num-workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("captune: error: ") and "metadata.jsonl:" in err and "Traceback" not in err
+
+
+def test_unreadable_validation_image_is_left_out_not_fatal(tmp_path, synthetic_dir, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dir, root)
+    broken = sorted((root / "validation").glob("*.png"))[0]
+    broken.write_bytes(b"not a png at all")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--model", "tiny", "--output", str(run), "--max-steps", "2",
+                 "--batch-size", "16", "--num-workers", "0", "--set", "eval.num_beams=1",
+                 "--set", "eval.max_new_tokens=4", "--set", "eval.min_new_tokens=0"]) == 0
+    assert "left out of evaluation: " in capsys.readouterr().err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_metrics"]["unreadable_images"] == 1
+    records = [json.loads(line) for line in (run / "val_predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 16
+    assert [r["prediction"] for r in records if r["id"] == broken.name] == [None]
+    assert all(isinstance(r["prediction"], str) for r in records if r["id"] != broken.name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from tqdm.auto import tqdm
 
 from .data.collate import CaptionImages, ImageCollator
 from .data.records import CaptionSample
+from .errors import CaptuneError
 from .generate import GenerationOptions, caption_pixels
 from .metrics import score
+
+log = logging.getLogger("captune")
 
 
 @dataclass
@@ -33,11 +37,12 @@ def predict(
     batch_size: int = 32,
     num_workers: int = 0,
     desc: str = "captioning",
-) -> list[str]:
+) -> list[str | None]:
     """Caption every sample's image; with an Accelerator, each process takes a shard and results are gathered.
 
     Returns:
-        Captions in the order of `samples` (identical on every process).
+        Captions in the order of `samples` (identical on every process); None for an image that could not be read
+        (logged once, with the reason).
     """
     loader = DataLoader(
         CaptionImages(samples), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -55,11 +60,15 @@ def predict(
     with tqdm(total=len(samples), desc=desc, unit="img", disable=not show, leave=False) as bar:
         for batch in loader:
             captions = caption_pixels(model, processor.tokenizer, batch["pixel_values"], options)
-            pairs = list(zip(batch["index"].tolist(), captions))
+            pairs = [(i, None if problem else c, problem)
+                     for i, c, problem in zip(batch["index"].tolist(), captions, batch["problems"])]
             if accelerator is not None:
                 # gather_for_metrics drops the samples the sampler repeated to even out the last batch.
                 pairs = accelerator.gather_for_metrics(pairs, use_gather_object=True)
-            found.update(pairs)
+            for index, caption, problem in pairs:
+                found[index] = caption
+                if problem and show:
+                    log.warning("left out of evaluation: %s", problem)
             bar.update(len(pairs))
     model.train(was_training)
     missing = [i for i in range(len(samples)) if i not in found]
@@ -75,13 +84,20 @@ def evaluate(model, processor, samples: list[CaptionSample], options: Generation
     Keyword arguments go to `predict`.
     """
     captions = predict(model, processor, samples, options, **kwargs)
-    predictions = {s.id: c for s, c in zip(samples, captions)}
-    references = {s.id: list(s.captions) for s in samples}
+    readable = [(s, c) for s, c in zip(samples, captions) if c is not None]
+    if not readable:
+        raise CaptuneError(f"none of the {len(samples)} evaluation images could be read: run `captune check` on the data")
+    predictions = {s.id: c for s, c in readable}
+    references = {s.id: list(s.captions) for s, _ in readable}
     metrics = score(predictions, references, meteor=meteor, per_item=True)
+    if len(readable) < len(samples):
+        metrics["unreadable_images"] = len(samples) - len(readable)
     # Per-image scores cost nothing extra (the scorers compute them anyway); the report ranks examples by them.
     per_item = metrics.pop("per_item")
+    unscored = {"cider": None, "bleu_4": None}
     records = [
-        {"id": s.id, "image": image_path(s), "prediction": c, "references": list(s.captions), **per_item[s.id]}
+        {"id": s.id, "image": image_path(s), "prediction": c, "references": list(s.captions),
+         **per_item.get(s.id, unscored)}
         for s, c in zip(samples, captions)
     ]
     return EvalResult(metrics=metrics, predictions=records)

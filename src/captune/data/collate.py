@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import CaptuneError
@@ -102,7 +103,12 @@ class CaptionImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        return {"image": load_rgb(sample.image, sample.origin), "index": index}
+        try:
+            return {"image": load_rgb(sample.image, sample.origin), "index": index}
+        except CaptuneError as exc:
+            # One unreadable held-out image must not end a run at its first validation: it is reported and left
+            # out of the scores instead (see evaluate.predict).
+            return {"image": None, "index": index, "problem": str(exc)}
 
 
 def prompt_length(tokenizer, prompt: str) -> int:
@@ -163,6 +169,11 @@ class ImageCollator:
     def __init__(self, processor):
         self.processor = processor
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = self.processor.image_processor([it["image"] for it in items], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "index": torch.tensor([it["index"] for it in items])}
+    def __call__(self, items: list[dict]) -> dict:
+        size = self.processor.image_processor.size
+        # A grey stand-in keeps the batch whole for an unreadable image; its caption is discarded.
+        blank = Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+        images = [it["image"] if it["image"] is not None else blank for it in items]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "index": torch.tensor([it["index"] for it in items]),
+                "problems": [it.get("problem") for it in items]}
