@@ -128,3 +128,25 @@ def test_apply_speed_levers_keeps_state_dict_keys(tiny):
     apply_speed_levers(model, sdpa=True, compile=False)
     assert sdpa_enabled(model)
     assert list(model.state_dict()) == keys
+
+
+def test_loader_enables_sdpa_by_default_and_opts_out():
+    assert sdpa_enabled(load_model_and_processor("tiny")[0])
+    assert not sdpa_enabled(load_model_and_processor("tiny", sdpa=False)[0])
+
+
+def test_train_config_flags_reach_the_model(tmp_path):
+    """train.sdpa=false restores eager attention on the model train() was given; fused AdamW trains a step."""
+    from captune.config import load_config
+    from captune.data.synthetic import make_synthetic
+    from captune.train import train
+
+    data = make_synthetic(tmp_path / "data", n_train=4, n_val=0)
+    model, processor = load_model_and_processor("tiny")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = load_config(overrides=[f"data.path={data / 'train'}", f"output={tmp_path / 'run'}", "train.max_steps=1",
+                                 "train.batch_size=2", "data.num_workers=0", "train.sdpa=false",
+                                 "train.fused_adamw=true", "train.warmup_ratio=0"])
+    train(cfg, model=model, processor=processor)
+    assert not sdpa_enabled(model)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -86,6 +86,12 @@ class TrainConfig:
     """Write a training line to metrics.jsonl every N optimizer steps."""
     best_metric: str = "cider"
     """Validation metric that picks best/ (higher is better); `cider+bleu_4` sums the two, as the BLIP recipe."""
+    sdpa: bool = True
+    """Fused scaled-dot-product attention in BLIP's vision and text attention (same numbers as eager, faster)."""
+    compile: bool = False
+    """torch.compile the training forward (GPU; on CPU compilation costs minutes and recompiles per caption length)."""
+    fused_adamw: bool = True
+    """AdamW's fused kernel (one kernel per step over all parameters; CUDA and CPU)."""
 
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:

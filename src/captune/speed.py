@@ -136,7 +136,7 @@ def apply_speed_levers(model: torch.nn.Module, *, sdpa: bool, compile: bool) -> 
 
     Args:
         model: the BLIP model, modified in place.
-        sdpa: fused attention (see module docstring).
+        sdpa: fused attention (see module docstring); False restores eager attention.
         compile: `torch.compile` the model's forward in place (`nn.Module.compile`), so the module, its state dict
             and save_pretrained stay as they are; generation calls submodules and stays eager.
 
@@ -145,6 +145,8 @@ def apply_speed_levers(model: torch.nn.Module, *, sdpa: bool, compile: bool) -> 
     """
     if sdpa:
         log.debug("SDPA attention on %d BLIP attention modules", enable_sdpa(model))
+    else:
+        disable_sdpa(model)
     if compile:
         model.compile()
     return model

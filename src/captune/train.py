@@ -25,6 +25,7 @@ from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
 from .generate import GenerationOptions
 from .model import SETTINGS_FILE, count_parameters, load_model_and_processor
+from .speed import apply_speed_levers
 
 log = logging.getLogger("captune")
 
@@ -146,6 +147,7 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
     validation = data.validation[: cfg.data.max_val_images or None]
     if model is None:
         model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
+    apply_speed_levers(model, sdpa=cfg.train.sdpa, compile=cfg.train.compile)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
@@ -165,7 +167,9 @@ def train(cfg: Config, *, model=None, processor=None) -> TrainResult:
         num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=cfg.train.fused_adamw or None
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
