@@ -78,10 +78,10 @@ def run_variant(variant: str, batch_size: int, warmup: int, steps: int, smoke: b
         while True:
             yield from loader
 
-    times, tokens = [], []
+    times, tokens, cpu = [], [], 0.0
     stream = batches()
     for step in range(warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch = next(stream)
         if variant == "notebook":
             input_ids = batch.pop("input_ids")
@@ -99,11 +99,14 @@ def run_variant(variant: str, batch_size: int, warmup: int, steps: int, smoke: b
         loss.item()
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu += time.process_time() - cpu_start
             tokens.append(batch["input_ids"].shape[1] if "input_ids" in batch else input_ids.shape[1])
     return {
         "variant": variant, "batch_size": batch_size, "steps": steps,
         "samples_per_s": batch_size * steps / sum(times), "median_step_s": statistics.median(times),
         "text_tokens": statistics.mean(tokens), "peak_rss_mib": peak_rss_mib(),
+        # CPU seconds per sample (all threads): less sensitive than wall time to other jobs on a shared machine.
+        "cpu_s_per_sample": cpu / (batch_size * steps),
     }
 
 
@@ -140,13 +143,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {variant:16s} batch {batch_size:2d}: {result['samples_per_s']:7.3f} samples/s "
                       f"(median step {result['median_step_s']:.2f} s, {result['text_tokens']:.0f} text tokens, "
                       f"peak RSS {result['peak_rss_mib'] / 1024:.2f} GiB)", flush=True)
-    print("\n| batch | variant | samples/s | x notebook | peak RSS GiB |\n|---|---|---|---|---|")
+    print("\n| batch | variant | samples/s | x notebook | CPU s/sample | x notebook (CPU time) | peak RSS GiB |"
+          "\n|---|---|---|---|---|---|---|")
     for batch_size in args.batch_sizes:
         rows = [r for r in results if r["batch_size"] == batch_size]
         base = next((r for r in rows if r["variant"] == "notebook"), None)
         for r in rows:
             ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
-            print(f"| {batch_size} | {r['variant']} | {r['samples_per_s']:.3f} | {ratio} | {r['peak_rss_mib'] / 1024:.2f} |")
+            cpu_ratio = f"{base['cpu_s_per_sample'] / r['cpu_s_per_sample']:.2f}x" if base else "-"
+            print(f"| {batch_size} | {r['variant']} | {r['samples_per_s']:.3f} | {ratio} | "
+                  f"{r['cpu_s_per_sample']:.1f} | {cpu_ratio} | {r['peak_rss_mib'] / 1024:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1))
     return 0
