@@ -10,7 +10,7 @@ Sections (each reports samples/s, model FLOPs utilisation and peak memory):
     notebook       the seed notebook's recipe: fp32, eager attention, captions padded to 512, labels=input_ids,
                    AdamW(model.parameters()), batch 2
     full+compile   `full` with torch.compile (only with --compile)
-    caption beam 3 batched beam search (bf16 weights, SDPA), `--tokens` new tokens forced per caption
+    caption beam 3 batched beam search (bf16 autocast on GPU, SDPA), `--tokens` new tokens forced per caption
 Batches are prepared tensors already on the device: this measures the model step, not image decoding.
 FLOPs come from torch.utils.flop_counter on one real step (matmuls and attention; elementwise ops not counted).
 """
@@ -126,11 +126,12 @@ def time_captioning(model, size: int, *, device, images: int, beams: int, tokens
     pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     options = GenerationOptions(num_beams=beams, max_new_tokens=tokens, min_new_tokens=tokens)
     tokenizer = _tokenizer()
-    caption_pixels(model, tokenizer, pixels[:2], options)  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    caption_pixels(model, tokenizer, pixels, options)
-    sync(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        caption_pixels(model, tokenizer, pixels[:2], options)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        caption_pixels(model, tokenizer, pixels, options)
+        sync(device)
     seconds = time.perf_counter() - start
     return {"captions_per_s": images / seconds, "peak_memory_gib": peak_memory_gib(device), "batch_size": images}
 
