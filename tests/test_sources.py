@@ -143,3 +143,15 @@ def test_eval_scores_a_karpathy_test_split(tmp_path, tiny, synthetic_dir, capsys
     assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(synthetic_dir),
                  "--split", "test", "--output", str(out)]) == 2
     assert "has no test split" in capsys.readouterr().err
+
+
+def test_data_format_forces_the_reader(tmp_path):
+    # A folder that is both: metadata.jsonl (sniffed first) and sidecar .txt captions.
+    png(tmp_path / "a.png", COLOURS[0])
+    (tmp_path / "a.txt").write_text("from the sidecar\n")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from the metadata"}\n')
+    assert sniff(str(tmp_path)) == "folder"
+    assert build_dataset(tmp_path).train[0].captions == ("from the metadata",)
+    assert build_dataset(tmp_path, data_format="sidecar").train[0].captions == ("from the sidecar",)
+    with pytest.raises(CaptuneError):
+        build_dataset(tmp_path, data_format="coco")

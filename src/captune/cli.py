@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -184,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("captune: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: one line for the user, the traceback on request
+        if os.environ.get("CAPTUNE_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"captune: error: unexpected {type(exc).__name__}: {first} (set CAPTUNE_DEBUG=1 for the traceback "
+              "and please report it)", file=sys.stderr)
+        return 1
 
 
 def _setup_logging(quiet: bool) -> None:

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from .errors import CaptuneError
+from .speed import enable_sdpa
 
 log = logging.getLogger("captune")
 
@@ -88,17 +89,28 @@ def tiny_config() -> BlipConfig:
     return BlipConfig(vision_config=vision, text_config=text, projection_dim=128, initializer_range=0.02)
 
 
-def load_model_and_processor(name: str, *, seed: int = 0) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
+def load_model_and_processor(
+    name: str, *, seed: int = 0, sdpa: bool = True
+) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     """Load model and processor.
 
     Args:
         name: `tiny`, a local directory written by `save_pretrained` (a LoRA adapter directory too: its base model,
             named in captune.json, is loaded and the adapter merged in), or a Hugging Face hub id.
         seed: seeds the random initialisation of the `tiny` preset.
+        sdpa: run attention through fused scaled-dot-product attention (`captune.speed.enable_sdpa`): same
+            numbers, faster; False keeps transformers' eager attention (e.g. to read attention weights).
 
     Raises:
         CaptuneError: the directory is not a BLIP model, or the hub id cannot be fetched (offline or unknown).
     """
+    model, processor = _load(name, seed)
+    if sdpa:
+        enable_sdpa(model)
+    return model, processor
+
+
+def _load(name: str, seed: int) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     if name == TINY:
         with torch.random.fork_rng():
             torch.manual_seed(seed)

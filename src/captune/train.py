@@ -32,6 +32,7 @@ from .generate import GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .speed import apply_speed_levers
 
 __all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
 
@@ -198,6 +199,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                        lora_targets=t.lora_targets, lora_vision=t.lora_vision)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    apply_speed_levers(model, sdpa=t.sdpa, compile=t.compile)
     if main:
         output.mkdir(parents=True, exist_ok=True)
         if checkpoint is None:
@@ -234,7 +236,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available(),
     )
-    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
     if streamed:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:

@@ -116,3 +116,19 @@ def test_python_dash_m_and_help():
     for command in ([], ["train"], ["eval"], ["caption"], ["demo"]):
         result = subprocess.run([sys.executable, "-m", "captune", *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage: captune" in result.stdout
+
+
+def test_unexpected_errors_are_one_line_unless_debugging(monkeypatch, capsys):
+    import captune.cli as cli
+
+    def broken(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_check", broken)
+    assert main(["check", "anything"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("captune: error: unexpected RuntimeError: boom (set CAPTUNE_DEBUG=1 for the traceback "
+                           "and please report it)")
+    monkeypatch.setenv("CAPTUNE_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["check", "anything"])

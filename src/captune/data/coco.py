@@ -31,6 +31,9 @@ def load_json(path: Path) -> dict:
         value = json.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError as exc:
         raise CaptuneError(f"annotation file {path} not found: check --data") from exc
+    except IsADirectoryError as exc:
+        raise CaptuneError(f"{path} is a directory: COCO and Karpathy data are a .json annotation file "
+                           "(pass it with --data, and the images with --image-root)") from exc
     except UnicodeDecodeError as exc:
         raise CaptuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start}): re-save it as UTF-8") from exc
     except json.JSONDecodeError as exc:

@@ -1,0 +1,45 @@
+"""The benchmarks' --smoke modes run end to end on the tiny model and print their ratio tables."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=240):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_train_step_smoke(tmp_path):
+    out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--variants", "notebook", "captune",
+               "--json", tmp_path / "r.json")
+    assert "| 2 | notebook |" in out and "| 2 | captune |" in out and "x notebook" in out
+    assert (tmp_path / "r.json").is_file()
+
+
+@pytest.mark.slow
+def test_caption_smoke():
+    out = _run(ROOT / "benchmarks/caption.py", "--smoke")
+    assert "| greedy | captune |" in out and "| beam 3 | pipeline |" in out
+
+
+@pytest.mark.slow
+def test_gpu_sh_smoke(tmp_path):
+    """gpu.sh end to end with --smoke: on a CPU machine its Python part runs the tiny model, every section reports."""
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--smoke"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for section in ("full", "frozen-vision", "lora", "notebook", "caption beam 3"):
+        assert f"| {section} |" in done.stdout, done.stdout
+    results = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
+    assert results["full"]["samples_per_s"] > 0 and results["full"]["flops_per_sample"] > 0
+    assert results["caption beam 3"]["captions_per_s"] > 0
