@@ -151,3 +151,11 @@ def test_unreadable_validation_image_is_left_out_not_fatal(tmp_path, synthetic_d
     assert len(records) == 16
     assert [r["prediction"] for r in records if r["id"] == broken.name] == [None]
     assert all(isinstance(r["prediction"], str) for r in records if r["id"] != broken.name)
+
+
+def test_evaluation_item_reports_any_decoder_failure():
+    from captune.data.collate import CaptionImages
+    from captune.data.records import CaptionSample
+
+    item = CaptionImages([CaptionSample(id="x", captions=("a",), image=None, origin="row 3")])[0]
+    assert item["image"] is None and item["problem"].startswith("row 3")

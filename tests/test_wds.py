@@ -53,3 +53,22 @@ def test_bad_shard_members_become_skips(tmp_path):
     assert "not a readable image" in skipped["broken"] and "no caption member" in skipped["nocap"]
     assert "no image member" in skipped["orphan"]
     assert sum(batch["input_ids"].shape[0] for batch in batches) == 3  # s0_0 (two captions) and s0_1
+
+
+def test_training_streams_shards_end_to_end(tmp_path):
+    import json
+
+    from captune.cli import main
+
+    tar_shards(tmp_path / "shards", 2, 6)  # 12 images, 18 captions
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "shards"), "--model", "tiny", "--output", str(run),
+                 "--epochs", "2", "--batch-size", "4", "--num-workers", "2", "--set", "train.log_every_steps=1"]) == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if r["split"] == "train"]
+    epochs = [r["epoch"] for r in steps]
+    assert epochs == sorted(epochs) and set(epochs) == {0, 1}  # both epochs streamed, in order
+    assert len(steps) == json.loads((run / "summary.json").read_text())["steps"] >= 8
+    assert (run / "last" / "model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["train_images"] == 12 and summary["data"]["train_captions"] == 18

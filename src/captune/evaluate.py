@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -83,13 +84,25 @@ def evaluate(model, processor, samples: list[CaptionSample], options: Generation
 
     Keyword arguments go to `predict`.
     """
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})[:3]
+        raise CaptuneError(f"evaluation samples repeat ids ({', '.join(repeated)}): scores are keyed by id; give "
+                           "each held-out image a unique name")
     captions = predict(model, processor, samples, options, **kwargs)
     readable = [(s, c) for s, c in zip(samples, captions) if c is not None]
     if not readable:
         raise CaptuneError(f"none of the {len(samples)} evaluation images could be read: run `captune check` on the data")
     predictions = {s.id: c for s, c in readable}
     references = {s.id: list(s.captions) for s, _ in readable}
-    metrics = score(predictions, references, meteor=meteor, per_item=True)
+    accelerator = kwargs.get("accelerator")
+    if accelerator is None or accelerator.num_processes == 1:
+        metrics = score(predictions, references, meteor=meteor, per_item=True)
+    else:
+        # Every process holds all captions; one scores (one set of Java processes) and shares the result.
+        shared = [score(predictions, references, meteor=meteor, per_item=True) if accelerator.is_main_process else None]
+        broadcast_object_list(shared, from_process=0)
+        metrics = shared[0]
     if len(readable) < len(samples):
         metrics["unreadable_images"] = len(samples) - len(readable)
     # Per-image scores cost nothing extra (the scorers compute them anyway); the report ranks examples by them.

@@ -264,7 +264,7 @@ def _thumbnail(path: str | None, cache: dict) -> str | None:
         small = image.width * image.height <= 128 * 128
         image.save(buffer, format="PNG" if small else "JPEG", quality=85)
         uri = f"data:image/{'png' if small else 'jpeg'};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-    except OSError as err:  # moved or deleted since training: the caption is still worth showing
+    except Exception as err:  # moved, deleted or undecodable since training: the caption is still worth showing
         log.warning("report: cannot read image %s (%s)", path, err)
     cache[path] = uri
     return uri

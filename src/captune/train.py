@@ -329,7 +329,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         try:
             while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
                 epoch = state["epoch"]
-                sampler.set_order(epoch)
+                if sampler is not None:  # streamed shards order themselves
+                    sampler.set_order(epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
                 for batch in batches:
                     state["batch"] += 1

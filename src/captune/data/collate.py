@@ -109,6 +109,9 @@ class CaptionImages(Dataset):
             # One unreadable held-out image must not end a run at its first validation: it is reported and left
             # out of the scores instead (see evaluate.predict).
             return {"image": None, "index": index, "problem": str(exc)}
+        except Exception as exc:  # a decoder error PIL does not wrap (bad EXIF, a null dataset cell...)
+            return {"image": None, "index": index,
+                    "problem": f"{sample.origin or sample.id}: cannot decode image ({exc!r})"}
 
 
 def prompt_length(tokenizer, prompt: str) -> int:

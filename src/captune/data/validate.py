@@ -88,6 +88,8 @@ def _check_image(sample: CaptionSample, max_pixels: int, sizes, modes, hashes, s
         # The decoder's messages already start with the origin; keep the reason alone beside `where`.
         reason = str(exc)
         return Problem(where, reason[len(where) + 2:] if reason.startswith(f"{where}: ") else reason, sample.id)
+    except Exception as exc:  # what PIL does not wrap (bad EXIF, a null dataset cell): still a listed problem
+        return Problem(where, f"cannot decode image ({exc!r})", sample.id)
     sizes.append(size)
     modes[mode] += 1
     encoded = image_bytes(sample.image)
