@@ -11,6 +11,7 @@ import logging
 import re
 
 import torch
+from PIL import Image
 
 from .errors import CaptuneError
 
@@ -126,7 +127,7 @@ def freeze_summary(model: torch.nn.Module) -> str:
 AUTO_BATCH_START = 256
 
 
-def find_batch_size(model, collator, pairs, accelerator, start: int = AUTO_BATCH_START) -> int:
+def find_batch_size(model, collator, accelerator, start: int = AUTO_BATCH_START) -> int:
     """`--batch-size auto`: the largest batch (halving from `start`) whose forward + backward fits on the GPU.
 
     Probes with the longest captions the collator allows and with AdamW's two moment buffers already allocated, so
@@ -140,8 +141,10 @@ def find_batch_size(model, collator, pairs, accelerator, start: int = AUTO_BATCH
     model.to(accelerator.device)
     # Stand-ins for AdamW's exp_avg / exp_avg_sq, which exist from the first optimizer step on.
     reserve = [torch.empty_like(p) for p in model.parameters() if p.requires_grad for _ in range(2)]
-    # Images are all resized to one size; a caption of max_caption_tokens is the longest a batch can get.
-    item = {"image": pairs[0]["image"], "caption": "word " * collator.max_tokens}
+    # Images are all resized to one size, so a blank one probes as well as a real one (and needs no readable first
+    # sample, nor random access into a stream); a caption of max_caption_tokens is the longest a batch can get.
+    size = collator.processor.image_processor.size
+    item = {"image": Image.new("RGB", (size["width"], size["height"])), "caption": "word " * collator.max_tokens}
 
     def fits(batch_size: int) -> bool:
         batch = {k: v.to(accelerator.device) for k, v in collator([item] * batch_size).items()}

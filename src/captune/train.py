@@ -229,7 +229,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
     )
     # Streamed shards split themselves per process and worker (data/wds.py): no sampler, no second split.
     streamed = isinstance(items, IterableDataset)
-    batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, items, accelerator)
+    batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
     # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
     sampler = None if streamed else EpochSampler(len(items), t.seed)
     loader = DataLoader(
