@@ -70,3 +70,29 @@ def test_loss_ignores_pads_and_smooths(tiny):
     expected = torch.stack([-torch.log_softmax(logits[b, t], -1)[y] for b, t, y in terms]).mean()
     assert torch.allclose(loss, expected)
     assert not torch.allclose(caption_loss(logits, labels, 0.1), expected)
+    smoothed = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, label_smoothing=0.1)
+    assert torch.allclose(caption_loss(logits, labels, 0.1), smoothed)  # PyTorch's mean over kept targets
+
+
+def test_a_batch_with_no_usable_pair_is_a_zero_loss_placeholder():
+    """Every process must run each step (DDP all-reduces in backward), so an all-bad batch cannot just vanish."""
+    from captune.model import load_model_and_processor
+    from captune.train import caption_loss
+
+    model, processor = load_model_and_processor("tiny")
+    items = [{"skip": {"id": "a", "reason": "a.png: not a readable image"}}, {"pad": True}]
+    batch = CaptionCollator(processor)(items)
+    assert batch["pairs"] == 0 and batch["skipped"] == [items[0]["skip"]]
+    assert batch["pixel_values"].shape == (1, 3, 64, 64) and (batch["labels"] == IGNORE_INDEX).all()
+    model.train()
+    logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits
+    loss = caption_loss(logits, batch["labels"], 0.1)
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all((g == 0).all() for g in grads)  # it trains nothing
+    # Padding among good items is dropped without a trace.
+    mixed = CaptionCollator(processor)(_items(["x"]) + [{"pad": True}])
+    assert mixed["pairs"] == 1 and mixed["input_ids"].shape[0] == 1 and "skipped" not in mixed

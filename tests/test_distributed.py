@@ -97,3 +97,19 @@ def test_distributed_evaluation_equals_single_process(data_dir, single, tmp_path
     one = evaluate(model, processor, build_dataset(data_dir).validation, OPTIONS, batch_size=2, meteor=False)
     assert two["predictions"] == one.predictions
     assert two["metrics"] == pytest.approx(one.metrics)
+
+
+def test_uneven_streamed_shards_with_a_bad_sample_finish_every_epoch(tmp_path):
+    """Rank 0 streams 6 pairs, rank 1 three (one undecodable): padding evens the steps out, an all-padding batch
+    still takes part in the all-reduce, and accumulation steps on each epoch's last partial window."""
+    from datafiles import tar_shards
+
+    tar_shards(tmp_path / "shards", 1, 5, extra={"broken.jpg": b"not a jpeg", "broken.txt": b"a broken one"})
+    run = tmp_path / "run"
+    torchrun(["-m", "captune", "-q", "train", "--data", str(tmp_path / "shards"), "--model", "tiny", "--output",
+              str(run), "--epochs", "2", "--batch-size", "2", "--grad-accum", "2", "--num-workers", "0",
+              "--report-to", "none", "--set", "train.log_every_steps=1"], timeout=240)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["split"] == "train"] == [0, 0, 1, 1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and [s["id"] for s in summary["skipped_samples"]] == ["broken"]

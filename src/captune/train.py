@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object, send_to_device, set_seed
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -102,10 +103,12 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: fl
     """
     shifted = logits[:, :-1, :].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(
+    total = F.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing,
+        label_smoothing=label_smoothing, reduction="sum",
     )
+    # The mean over caption tokens, and 0 (not 0/0) for a placeholder batch with none: no host sync either way.
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def eval_options(cfg: Config) -> GenerationOptions:
@@ -153,6 +156,35 @@ def flat_config(cfg: Config) -> dict:
         for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
             flat[f"{section}.{key}" if key else section] = value
     return flat
+
+
+def training_loader(cfg: Config, train_data, processor, collator, batch_size: int, accelerator):
+    """(dataset, loader, sampler) for training; the sampler is None for streamed shards, which order themselves.
+
+    A list's loader is prepared by the caller with the model (Accelerate shards it); a stream splits itself across
+    processes and workers (data/wds.py), so its loader is only wrapped for device placement and end-of-epoch
+    detection (gradient accumulation then steps on an epoch's last, partial window too).
+    """
+    size = processor.image_processor.size["height"]
+    items = training_dataset(
+        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
+                            augment_size=size if cfg.data.augment else 0,
+                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
+    )
+    workers = cfg.data.num_workers
+    if isinstance(items, IterableDataset):
+        # Not persistent: a stream's workers must be re-created each epoch to see its new epoch number (seeding).
+        loader = DataLoader(items, batch_size=batch_size, collate_fn=collator, num_workers=workers,
+                            pin_memory=torch.cuda.is_available())
+        return items, prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
+                                          put_on_device=True, dispatch_batches=False), None
+    # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
+    sampler = EpochSampler(len(items), cfg.train.seed)
+    loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+    return items, loader, sampler
 
 
 def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> TrainResult:
@@ -219,29 +251,16 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
     accelerator.wait_for_everyone()
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
-    size = processor.image_processor.size["height"]
-    items = training_dataset(
-        data.train, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
-    # Streamed shards split themselves per process and worker (data/wds.py): no sampler, no second split.
-    streamed = isinstance(items, IterableDataset)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
-    # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
-    sampler = None if streamed else EpochSampler(len(items), t.seed)
-    loader = DataLoader(
-        items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0, pin_memory=torch.cuda.is_available(),
-    )
+    items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
     if streamed:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = max(1, math.ceil(len(loader) / t.grad_accum))
+    batches_per_epoch = items.batches(batch_size) if streamed else len(loader)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.grad_accum))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so it is
@@ -329,7 +348,9 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         try:
             while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
                 epoch = state["epoch"]
-                if sampler is not None:  # streamed shards order themselves
+                if streamed:
+                    items.set_epoch(epoch)
+                else:
                     sampler.set_order(epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
                 for batch in batches:
@@ -339,22 +360,22 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                             raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
                         log.warning("skipped %s", item["reason"])
                         state["skipped"].append(item)
-                    if "input_ids" not in batch:
-                        continue  # every item of this batch was bad
-                    if streamed:
-                        batch = send_to_device(batch, accelerator.device)
+                    # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
+                    # process must take part in each step's collectives.
+                    pairs = batch.pop("pairs")
                     with accelerator.accumulate(model):
                         outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                                         attention_mask=batch["attention_mask"])
                         loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
                         accelerator.backward(loss)
-                    loss_sum, micro = loss_sum + loss.detach(), micro + 1
-                    seen += batch["input_ids"].shape[0] * accelerator.num_processes
+                    if pairs:
+                        loss_sum, micro = loss_sum + loss.detach(), micro + 1
+                    seen += pairs * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
                     step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
-                    loss_value, bad, signalled = _agree(accelerator, loss_sum / micro, stop.requested is not None)
+                    loss_value, bad, signalled = _agree(accelerator, loss_sum, micro, stop.requested is not None)
                     loss_sum, micro = torch.zeros_like(loss_sum), 0
                     if bad and t.on_nonfinite == "stop":
                         last_good = latest_checkpoint(output)
@@ -362,8 +383,9 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                             f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
                             f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
                             "rerun with --resume, or set train.on_nonfinite=skip", 1)
-                    if bad:
-                        log.warning("loss is %s at step %d: skipping this optimizer step", loss_value, step)
+                    if bad or loss_value is None:
+                        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
+                                    else "no usable training pair on any process", step)
                     else:
                         if t.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -372,7 +394,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                     lr = scheduler.get_last_lr()[0]
                     scheduler.step()
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+                    bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
                     if step % t.log_every_steps == 0 or step == 1:
                         metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
@@ -384,7 +406,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                     if step >= total_steps or patience_spent():
                         break
                     # The epoch-end checkpoint, after validation, covers a periodic save falling on the last batch.
-                    epoch_done = state["batch"] == len(loader)
+                    epoch_done = state["batch"] == batches_per_epoch
                     if signalled or (t.save_every_steps and step % t.save_every_steps == 0 and not epoch_done):
                         checkpoint_now()
                     if signalled:
@@ -432,14 +454,16 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                        final_metrics=final_metrics)
 
 
-def _agree(accelerator, loss: torch.Tensor, stop: bool) -> tuple[float, bool, bool]:
-    """(mean loss over processes, any loss non-finite, any process asked to stop); a device sync, once a step."""
-    local = torch.stack([loss.float(), (~torch.isfinite(loss)).float(), torch.tensor(float(stop), device=loss.device)])
+def _agree(accelerator, loss_sum: torch.Tensor, micro: int, stop: bool) -> tuple[float | None, bool, bool]:
+    """(mean loss over the step's real micro-batches on every process, or None when there were none; any loss
+    non-finite; any process asked to stop): one device sync a step."""
+    local = torch.stack([loss_sum.float(), torch.tensor(float(micro), device=loss_sum.device),
+                         (~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop), device=loss_sum.device)])
     if accelerator.num_processes > 1:
         every = accelerator.gather(local.unsqueeze(0))
-        local = torch.stack([every[:, 0].mean(), every[:, 1].max(), every[:, 2].max()])
-    loss_value, bad, signalled = local.tolist()
-    return loss_value, bad > 0, signalled > 0
+        local = torch.stack([every[:, 0].sum(), every[:, 1].sum(), every[:, 2].max(), every[:, 3].max()])
+    total, count, bad, signalled = local.tolist()
+    return (total / count if count else None), bad > 0, signalled > 0
 
 
 def _unique(items: list[dict]) -> list[dict]:

@@ -10,11 +10,15 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import CaptuneError
 from .collate import CaptionPairs, ItemOptions
 from .folder import find_splits, has_sidecars, read_folder, read_sidecar_folder
 from .records import CaptionSample, Problem, load_rgb
+
+if TYPE_CHECKING:
+    from .wds import ShardCounts
 
 __all__ = ["CaptionSample", "DatasetSplits", "FORMATS", "Problem", "Shards", "build_dataset", "load_rgb", "sniff",
            "split_off", "training_dataset"]
@@ -28,8 +32,15 @@ class Shards:
     """Training tar shards, streamed rather than listed; sizes counted once from the caption members."""
 
     paths: list[Path]
-    images: int
-    pairs: int
+    counts: "ShardCounts"
+
+    @property
+    def images(self) -> int:
+        return self.counts.images
+
+    @property
+    def pairs(self) -> int:
+        return self.counts.pairs
 
     def __len__(self) -> int:
         return self.images
@@ -123,10 +134,10 @@ def build_dataset(path: str | Path, val_split: float = 0.0, seed: int = 0, *, da
         train, validation = found["train"], found["validation"]
     elif fmt == "webdataset":
         shards = wds.find_shards(path)
-        images, pairs = wds.count_samples(shards["train"])
-        if not images:
+        counts = wds.count_samples(shards["train"])
+        if not counts.images:
             raise CaptuneError(f"no usable samples (image + .txt/.json caption) in the shards at {path}")
-        train = Shards(shards["train"], images, pairs)
+        train = Shards(shards["train"], counts)
         validation, found_problems = wds.read_all(shards["validation"]) if "validation" in shards else ([], [])
         if found_problems and problems is None:
             raise CaptuneError(str(found_problems[0]))
@@ -157,18 +168,18 @@ def split_off(samples: list[CaptionSample], fraction: float, seed: int) -> tuple
 
 
 def training_dataset(train: list[CaptionSample] | Shards, *, caption_sampling: str = "all",
-                     options: ItemOptions | None = None, rank: int = 0, world_size: int = 1):
+                     options: ItemOptions | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     seed: int = 0):
     """The torch dataset of training items: map-style over a list, an IterableDataset over shards.
 
-    `rank`/`world_size` matter for shards only: the stream splits itself across processes (and workers), so the
-    caller must not let Accelerate shard it again.
+    `rank`, `world_size`, `num_workers` and `seed` matter for shards only: the stream splits itself across processes
+    and workers, so the caller must not let Accelerate shard it again.
     """
     if isinstance(train, Shards):
         from .wds import ShardStream
 
-        length = train.pairs if caption_sampling == "all" else train.images
-        return ShardStream(train.paths, length, caption_sampling=caption_sampling, options=options, rank=rank,
-                           world_size=world_size)
+        return ShardStream(train.paths, train.counts, caption_sampling=caption_sampling, options=options, rank=rank,
+                           world_size=world_size, num_workers=num_workers, seed=seed)
     return CaptionPairs(train, caption_sampling, options)
 
 

@@ -140,14 +140,24 @@ class CaptionCollator:
 
     def __call__(self, items: list[dict]) -> dict:
         """Batch the good items; `skipped` lists the bad ones ({id, reason}) so the main process can count them
-        (a counter inside a worker process would be lost). A batch of only bad items has no tensors."""
+        (a counter inside a worker process would be lost); `pairs` counts the good ones.
+
+        A batch with no good item (all bad, or only the padding a stream adds to even out processes) is still a
+        batch: one grey image whose labels are all ignored, so it trains nothing but every process still runs the
+        step's forward, backward and gradient all-reduce (skipping it on one process would deadlock the others).
+        """
         skipped = [it["skip"] for it in items if "skip" in it]
-        items = [it for it in items if "skip" not in it]
+        items = [it for it in items if "skip" not in it and "pad" not in it]
+        if items:
+            images, captions = [it["image"] for it in items], [it["caption"] for it in items]
+        else:
+            images, captions = [blank_image(self.processor)], [""]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch = self.tokenize(captions)
         if not items:
-            return {"skipped": skipped}
-        pixel_values = self.processor.image_processor([it["image"] for it in items], return_tensors="pt")["pixel_values"]
-        batch = self.tokenize([it["caption"] for it in items])
+            batch["labels"].fill_(IGNORE_INDEX)
         batch["pixel_values"] = pixel_values
+        batch["pairs"] = len(items)
         if skipped:
             batch["skipped"] = skipped
         return batch
@@ -166,6 +176,12 @@ class CaptionCollator:
         return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
 
 
+def blank_image(processor) -> Image.Image:
+    """A mid-grey image of the processor's input size: the stand-in wherever a batch must not be empty."""
+    size = processor.image_processor.size
+    return Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+
+
 class ImageCollator:
     """Batch evaluation images into `pixel_values` plus their dataset indices."""
 
@@ -173,9 +189,8 @@ class ImageCollator:
         self.processor = processor
 
     def __call__(self, items: list[dict]) -> dict:
-        size = self.processor.image_processor.size
         # A grey stand-in keeps the batch whole for an unreadable image; its caption is discarded.
-        blank = Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+        blank = blank_image(self.processor)
         images = [it["image"] if it["image"] is not None else blank for it in items]
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "index": torch.tensor([it["index"] for it in items]),

@@ -8,6 +8,7 @@ their first frame, decompression bombs refused, and JPEG draft decoding for spee
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,6 +193,9 @@ def _describe(source: ImageSource) -> str:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip()
+    # PIL names in-memory sources by address ("<_io.BytesIO object at 0x7f..>"): drop it, so the same bad image
+    # gives the same reason every time it is met (skips are de-duplicated by reason).
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", " in memory", text)
     return text.splitlines()[0] if text else type(exc).__name__
 
 

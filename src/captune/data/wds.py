@@ -8,6 +8,12 @@ has n % (R*W) == r*W + w: each sample exactly once per epoch, counts balanced to
 Each consumer scans every tar header (512 bytes a member; image bytes of other consumers' samples are skipped with a
 seek), which is cheap for local shards.
 
+Several processes must also run the same number of steps, or the one with more batches waits forever in a collective
+at the epoch end. So every consumer yields exactly as many items as the busiest one (`ShardCounts` knows each
+position's item count from the caption members, read once): the others top up with `{"pad": True}` items, which the
+collator drops (a batch of only pads becomes a zero-loss placeholder batch). The shuffle buffer is seeded from (seed,
+epoch, consumer), so an epoch's order is the same when a run resumes in the middle of it.
+
 Layouts: a .tar file, a directory of .tar files, a directory with train/ and validation/ (or val/, test/) folders of
 .tar files, or a glob (`shards/*.tar`).
 """
@@ -16,9 +22,10 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import random
 import tarfile
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -130,17 +137,38 @@ def _captions(tar, group, where) -> list[str] | Problem:
     return captions or Problem(where, "empty caption", key)
 
 
-def count_samples(shards: list[Path]) -> tuple[int, int]:
-    """(images, image-caption pairs) over the shards, reading caption members only; broken samples not counted."""
+@dataclass
+class ShardCounts:
+    """What the shards hold, counted once from the caption members (no image bytes read)."""
+
+    images: int
+    """Samples with an image and a usable caption."""
+    pairs: int
+    """Image-caption pairs over those samples."""
+    captions: array
+    """Per stream position (every key group, broken ones too): its caption count, 0 for a broken sample."""
+
+    def items(self, caption_sampling: str, consumers: int) -> list[int]:
+        """Training items each of `consumers` readers yields (before padding): a broken sample is one skip item."""
+        counts = [0] * consumers
+        for n, captions in enumerate(self.captions):
+            counts[n % consumers] += captions if caption_sampling == "all" and captions else 1
+        return counts
+
+
+def count_samples(shards: list[Path]) -> ShardCounts:
+    """Count images, pairs and each stream position's captions, reading caption members only."""
     images = pairs = 0
+    per_position = array("I")
     for shard in shards:
         for key, group, tar in _members(shard):
-            if not any(f".{e}" in IMAGE_SUFFIXES for e in group):
-                continue
             captions = _captions(tar, group, f"{shard}:{key}")
-            if not isinstance(captions, Problem):
-                images, pairs = images + 1, pairs + len(captions)
-    return images, pairs
+            if not any(f".{e}" in IMAGE_SUFFIXES for e in group) or isinstance(captions, Problem):
+                per_position.append(0)
+                continue
+            per_position.append(len(captions))
+            images, pairs = images + 1, pairs + len(captions)
+    return ShardCounts(images, pairs, per_position)
 
 
 def read_all(shards: list[Path]) -> tuple[list[CaptionSample], list[Problem]]:
@@ -156,28 +184,42 @@ class ShardStream(IterableDataset):
 
     Args:
         shards: the tar files, in a fixed order (the same on every rank).
-        length: items per epoch over all ranks (pairs for caption_sampling "all", images for "random").
+        counts: what `count_samples` found in them.
         rank, world_size: this process's place among the training processes.
+        num_workers: DataLoader workers per process (0 = the main process reads).
+        seed: with the epoch (`set_epoch`) and the consumer, seeds the shuffle buffer and caption draws.
         shuffle_buffer: items held and drawn at random from (0 = stream order).
     """
 
-    def __init__(self, shards: list[Path], length: int, *, caption_sampling: str = "all",
-                 options: ItemOptions | None = None, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256):
-        self.shards, self.length = list(shards), length
+    def __init__(self, shards: list[Path], counts: ShardCounts, *, caption_sampling: str = "all",
+                 options: ItemOptions | None = None, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 seed: int = 0, shuffle_buffer: int = 256):
+        self.shards, self.counts = list(shards), counts
         self.caption_sampling, self.options = caption_sampling, options or ItemOptions()
-        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
+        self.seed, self.epoch, self.shuffle_buffer = seed, 0, shuffle_buffer
+        # Every consumer yields this many items, padding included, so every rank has the same number of batches.
+        self.per_consumer = max(counts.items(caption_sampling, world_size * self.workers))
 
     def __len__(self) -> int:
-        # An estimate for the progress bar and the schedule: workers end with partial batches.
-        return math.ceil(self.length / self.world_size)
+        """Items this process yields per epoch, padding included (exact)."""
+        return self.per_consumer * self.workers
+
+    def batches(self, batch_size: int) -> int:
+        """Batches this process gets per epoch: each worker ends its share with one partial batch."""
+        return self.workers * -(-self.per_consumer // batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        # Workers are not persistent for streams (train.py), so they are re-created with this value every epoch.
+        self.epoch = epoch
 
     def __iter__(self):
         info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        consumers, me = self.world_size * workers, self.rank * workers + worker
-        # `random` is seeded per worker and per epoch by the DataLoader (and by set_seed in the main process).
-        rng = random.Random(random.getrandbits(64))
+        worker = info.id if info is not None else 0
+        consumers, me = self.world_size * self.workers, self.rank * self.workers + worker
+        rng = random.Random(f"captune-stream {self.seed} {self.epoch} {me}")
         buffer: list = []
+        produced = 0
         for item in iter_samples(self.shards, keep=lambda n: n % consumers == me):
             if item is None:
                 continue
@@ -188,10 +230,14 @@ class ShardStream(IterableDataset):
                     continue
                 index = rng.randrange(len(buffer))
                 buffer[index], out = out, buffer[index]
+                produced += 1
                 yield self._decode(out)
         rng.shuffle(buffer)
         for out in buffer:
+            produced += 1
             yield self._decode(out)
+        for _ in range(self.per_consumer - produced):
+            yield {"pad": True}
 
     def _pairs(self, item, rng) -> list:
         if isinstance(item, Problem):
