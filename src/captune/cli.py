@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--on-bad-sample", choices=["skip", "error"],
                        help="corrupt image, missing file, empty caption: skip it (counted in summary.json, the "
                        "default) or stop")
-    train.add_argument("--caption-sampling", choices=["all", "random"],
-                       help="several captions per image: every pair per epoch (default) or one drawn at random")
+    train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
+                       help="several captions per image: every pair per epoch (default), one drawn at random, or "
+                            "every pair with an image's captions batched together so its ViT pass is shared")
     train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
     train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")

@@ -33,7 +33,7 @@ from .generate import GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
-from .speed import apply_speed_levers
+from .speed import apply_speed_levers, share_images
 
 __all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
 
@@ -181,7 +181,7 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
         return items, prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
                                           put_on_device=True, dispatch_batches=False), None
     # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
-    sampler = EpochSampler(len(items), cfg.train.seed)
+    sampler = EpochSampler(len(items), cfg.train.seed, groups=items.groups())
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     return items, loader, sampler
@@ -340,6 +340,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
             log.info("before training: %s", _format_metrics(before.metrics))
 
+    vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
     loss_sum, micro = torch.zeros((), device=accelerator.device), 0
     model.train()
@@ -363,7 +364,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                     # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
                     # process must take part in each step's collectives.
                     pairs = batch.pop("pairs")
-                    with accelerator.accumulate(model):
+                    with accelerator.accumulate(model), share_images(vision, batch.get("image_index")):
                         outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                                         attention_mask=batch["attention_mask"])
                         loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)

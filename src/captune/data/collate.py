@@ -41,8 +41,8 @@ class ItemOptions:
     """Word cap of pre_caption."""
 
 
-def training_item(sample: CaptionSample, caption: str, options: ItemOptions) -> dict:
-    """Decode one (image, caption) pair, or a `skip` record naming the sample and the reason it is unusable.
+def decode_image(sample: CaptionSample, options: ItemOptions) -> Image.Image | dict:
+    """The sample's training image (augmented when asked), or a `skip` record naming the sample and the reason.
 
     A bad sample never raises here: in a worker process the exception would reach the user as a traceback, and
     the run would die mid-epoch. The collator drops skips and hands them to the training loop, which decides.
@@ -56,6 +56,14 @@ def training_item(sample: CaptionSample, caption: str, options: ItemOptions) -> 
         return {"skip": {"id": sample.id, "reason": f"{sample.origin or sample.id}: cannot decode image ({exc!r})"}}
     if options.augment_size:
         image = random_resized_crop(image, options.augment_size)
+    return image
+
+
+def training_item(sample: CaptionSample, caption: str, options: ItemOptions, image=None) -> dict:
+    """One (image, caption) training item, or a `skip` record; `image` is an already decoded one (or its skip)."""
+    image = decode_image(sample, options) if image is None else image
+    if isinstance(image, dict):
+        return image
     if options.normalize_captions:
         caption = pre_caption(caption, options.max_words)
         if not caption:
@@ -64,31 +72,52 @@ def training_item(sample: CaptionSample, caption: str, options: ItemOptions) -> 
     return {"image": image, "caption": caption}
 
 
+class LastImage:
+    """Remembers the last decoded image: grouped sampling asks for an image's captions one after another."""
+
+    def __init__(self):
+        self.key, self.image = None, None
+
+    def item(self, key, sample: CaptionSample, caption: str, options: ItemOptions) -> dict:
+        if key != self.key:
+            self.key, self.image = key, decode_image(sample, options)
+        item = training_item(sample, caption, options, image=self.image)
+        return {**item, "key": key} if "image" in item else item
+
+
 class CaptionPairs(Dataset):
     """Training items from a list of samples.
 
     Args:
         caption_sampling: "all" = every (image, caption) pair each epoch, as the original BLIP iterates its
-            annotations; "random" = each image once per epoch with one of its captions drawn at random.
+            annotations; "random" = each image once per epoch with one of its captions drawn at random; "grouped" =
+            every pair, and `groups()` tells the sampler which pairs share an image so it keeps them together.
     """
 
     def __init__(self, samples: list[CaptionSample], caption_sampling: str = "all", options: ItemOptions | None = None):
         self.samples = samples
         self.caption_sampling = caption_sampling
         self.options = options or ItemOptions()
-        if caption_sampling == "all":
+        if caption_sampling in ("all", "grouped"):
             self.pairs = [(i, j) for i, s in enumerate(samples) for j in range(len(s.captions))]
         else:
             self.pairs = [(i, None) for i in range(len(samples))]
+        self.last = LastImage()
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def groups(self) -> list[int] | None:
+        """For "grouped": the number of consecutive pairs each image has (pairs are listed image by image)."""
+        return [len(s.captions) for s in self.samples] if self.caption_sampling == "grouped" else None
 
     def __getitem__(self, index: int) -> dict:
         i, j = self.pairs[index]
         sample = self.samples[i]
         # `random` is reseeded per worker and per epoch by the DataLoader, so draws differ between epochs.
         caption = sample.captions[j] if j is not None else random.choice(sample.captions)
+        if self.caption_sampling == "grouped":
+            return self.last.item(i, sample, caption, self.options)
         return training_item(sample, caption, self.options)
 
 
@@ -152,11 +181,20 @@ class CaptionCollator:
             images, captions = [it["image"] for it in items], [it["caption"] for it in items]
         else:
             images, captions = [blank_image(self.processor)], [""]
+        keys = [it.get("key") for it in items]
+        shared = None not in keys and len(set(keys)) < len(keys)
+        if shared:
+            # Grouped sampling: each image once, and `image_index` maps caption rows to it (see speed.share_images).
+            first = {}
+            index = [first.setdefault(key, len(first)) for key in keys]
+            images = [items[keys.index(key)]["image"] for key in first]
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         batch = self.tokenize(captions)
         if not items:
             batch["labels"].fill_(IGNORE_INDEX)
         batch["pixel_values"] = pixel_values
+        if shared:
+            batch["image_index"] = torch.tensor(index)
         batch["pairs"] = len(items)
         if skipped:
             batch["skipped"] = skipped

@@ -32,7 +32,7 @@ from typing import Iterator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import CaptuneError
-from .collate import ItemOptions, training_item
+from .collate import ItemOptions, LastImage, training_item
 from .folder import IMAGE_SUFFIXES, VALIDATION_DIRS, clean_captions
 from .records import CaptionSample, Problem
 
@@ -152,7 +152,7 @@ class ShardCounts:
         """Training items each of `consumers` readers yields (before padding): a broken sample is one skip item."""
         counts = [0] * consumers
         for n, captions in enumerate(self.captions):
-            counts[n % consumers] += captions if caption_sampling == "all" and captions else 1
+            counts[n % consumers] += captions if caption_sampling != "random" and captions else 1
         return counts
 
 
@@ -218,34 +218,42 @@ class ShardStream(IterableDataset):
         worker = info.id if info is not None else 0
         consumers, me = self.world_size * self.workers, self.rank * self.workers + worker
         rng = random.Random(f"captune-stream {self.seed} {self.epoch} {me}")
+        last = LastImage()
         buffer: list = []
         produced = 0
         for item in iter_samples(self.shards, keep=lambda n: n % consumers == me):
             if item is None:
                 continue
             # Buffered encoded (bytes), decoded only when yielded: 256 decoded images would hold ~100 MB a worker.
-            for out in self._pairs(item, rng):
+            # A unit is one pair, or (grouped) all of an image's pairs, which then stay next to each other.
+            for unit in self._units(item, rng):
                 if len(buffer) < self.shuffle_buffer:
-                    buffer.append(out)
+                    buffer.append(unit)
                     continue
                 index = rng.randrange(len(buffer))
-                buffer[index], out = out, buffer[index]
-                produced += 1
-                yield self._decode(out)
+                buffer[index], unit = unit, buffer[index]
+                for pair in unit:
+                    produced += 1
+                    yield self._decode(pair, last)
         rng.shuffle(buffer)
-        for out in buffer:
-            produced += 1
-            yield self._decode(out)
+        for unit in buffer:
+            for pair in unit:
+                produced += 1
+                yield self._decode(pair, last)
         for _ in range(self.per_consumer - produced):
             yield {"pad": True}
 
-    def _pairs(self, item, rng) -> list:
+    def _units(self, item, rng) -> list[list]:
         if isinstance(item, Problem):
-            return [item]
-        captions = item.captions if self.caption_sampling == "all" else (rng.choice(item.captions),)
-        return [(item, caption) for caption in captions]
+            return [[item]]
+        if self.caption_sampling == "random":
+            return [[(item, rng.choice(item.captions))]]
+        pairs = [(item, caption) for caption in item.captions]
+        return [pairs] if self.caption_sampling == "grouped" else [[pair] for pair in pairs]
 
-    def _decode(self, pair) -> dict:
+    def _decode(self, pair, last: LastImage) -> dict:
         if isinstance(pair, Problem):
             return {"skip": {"id": pair.id or pair.where, "reason": str(pair)}}
+        if self.caption_sampling == "grouped":
+            return last.item(pair[0].origin, pair[0], pair[1], self.options)
         return training_item(pair[0], pair[1], self.options)
