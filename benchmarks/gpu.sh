@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark for one H200 (about 8 minutes end to end, offline): samples/s and MFU of full fine-tuning (bf16,
-# 384 px), frozen-vision and LoRA; peak GPU memory; beam-3 captions/s; the seed notebook's recipe for comparison.
+# 384 px; also grouped, 5 captions per image sharing one ViT pass), frozen-vision and LoRA; peak GPU memory; beam-3
+# captions/s; the seed notebook's recipe for comparison.
 # Random-weight full-size BLIP-base and generated tensors: nothing is downloaded.
 #
 #   bash benchmarks/gpu.sh                 # from the repository root; results also in $OUT/gpu_bench.json

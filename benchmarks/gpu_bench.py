@@ -7,6 +7,7 @@ Sections (each reports samples/s, model FLOPs utilisation and peak memory):
     full           full fine-tuning, bf16 autocast, 384 px, SDPA, fused AdamW, caption length --tokens
     frozen-vision  the same with the ViT frozen (no vision backward, no vision optimizer state)
     lora           LoRA r=16 on every attention and MLP projection of both towers (peft)
+    full grouped   `full` with caption_sampling grouped: 5 captions per image (COCO), one ViT pass per image
     notebook       the seed notebook's recipe: fp32, eager attention, captions padded to 512, labels=input_ids,
                    AdamW(model.parameters()), batch 2
     full+compile   `full` with torch.compile (only with --compile)
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_model, machine, peak_rss_mib  # noqa: E402
 
 from captune.generate import GenerationOptions, caption_pixels  # noqa: E402
-from captune.speed import disable_sdpa, enable_sdpa  # noqa: E402
+from captune.speed import disable_sdpa, enable_sdpa, share_images  # noqa: E402
 from captune.train import caption_loss, parameter_groups  # noqa: E402
 
 # Dense bf16 tensor-core peak without sparsity (NVIDIA H100/H200 SXM datasheets: 989.4 TFLOPS).
@@ -44,14 +45,20 @@ def peak_flops(device: torch.device) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def synthetic_batch(batch_size: int, size: int, tokens: int, device, notebook: bool = False) -> dict:
+def synthetic_batch(batch_size: int, size: int, tokens: int, device, notebook: bool = False,
+                    captions_per_image: int = 1) -> dict:
+    """`batch_size` captions; with `captions_per_image` > 1, that many share each image (grouped sampling)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 30000, (batch_size, tokens), generator=generator)
     ids[:, 0] = 101 if notebook else 30522  # the notebook keeps [CLS]; captune trains on bos [DEC]
     ids[:, -1] = 102
     labels = ids.clone()
-    return {"pixel_values": torch.randn(batch_size, 3, size, size, generator=generator).to(device),
-            "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    images = -(-batch_size // captions_per_image)
+    batch = {"pixel_values": torch.randn(images, 3, size, size, generator=generator).to(device),
+             "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    if captions_per_image > 1:
+        batch["image_index"] = (torch.arange(batch_size) // captions_per_image).to(device)
+    return batch
 
 
 def reset_memory(device) -> None:
@@ -88,8 +95,9 @@ def time_training(model, batch: dict, *, device, notebook: bool, autocast: bool,
                 loss = forward(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
                                labels=batch["input_ids"]).loss
             else:
-                out = forward(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                              attention_mask=batch["attention_mask"])
+                with share_images(model.vision_model, batch.get("image_index")):
+                    out = forward(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                                  attention_mask=batch["attention_mask"])
                 loss = caption_loss(out.logits, batch["labels"], 0.1)
         loss.backward()
         if not notebook:
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = synthetic_batch(args.batch_size, size, args.tokens, device)
     timing = dict(device=device, autocast=autocast, warmup=args.warmup, steps=args.steps)
     report("full", time_training(model, batch, notebook=False, **timing))
+    grouped = synthetic_batch(args.batch_size, size, args.tokens, device, captions_per_image=5)
+    report("full grouped", time_training(model, grouped, notebook=False, **timing))
+    del grouped
 
     model.vision_model.requires_grad_(False)
     report("frozen-vision", time_training(model, batch, notebook=False, **timing))

@@ -20,9 +20,13 @@ def _run(*args, timeout=240):
 @pytest.mark.slow
 def test_train_step_smoke(tmp_path):
     out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--variants", "notebook", "captune",
-               "--json", tmp_path / "r.json")
+               "captune-grouped", "--captions-per-image", "2", "--json", tmp_path / "r.json")
     assert "| 2 | notebook |" in out and "| 2 | captune |" in out and "x notebook" in out
-    assert (tmp_path / "r.json").is_file()
+    assert "| 2 | captune-grouped |" in out
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {r["captions_per_image"] for r in results} == {2}
 
 
 @pytest.mark.slow
@@ -38,7 +42,7 @@ def test_gpu_sh_smoke(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--smoke"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    for section in ("full", "frozen-vision", "lora", "notebook", "caption beam 3"):
+    for section in ("full", "full grouped", "frozen-vision", "lora", "notebook", "caption beam 3"):
         assert f"| {section} |" in done.stdout, done.stdout
     results = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
     assert results["full"]["samples_per_s"] > 0 and results["full"]["flops_per_sample"] > 0

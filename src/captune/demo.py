@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from .config import load_config
 from .data import build_dataset
 from .data.synthetic import make_synthetic
-from .evaluate import evaluate, write_json
+from .evaluate import EvalResult, evaluate, write_json
 from .model import TINY, load_model_and_processor
 from .train import eval_options, train
 
@@ -38,13 +39,20 @@ def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRA
 
     model, processor = load_model_and_processor(TINY, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning before")
-    train(cfg, model=model, processor=processor)
-    tuned, tuned_processor = load_model_and_processor(str(output / "best"))
-    after = evaluate(tuned, tuned_processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning after")
+    result = train(cfg, model=model, processor=processor, before=before)
+    if result.best_step == result.steps:
+        # best/ is the final model, which train() has just scored on these images (METEOR included).
+        lines = (output / "val_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        after = EvalResult(metrics=result.final_metrics, predictions=[json.loads(line) for line in lines])
+    else:
+        tuned, tuned_processor = load_model_and_processor(str(output / "best"))
+        after = evaluate(tuned, tuned_processor, held_out, options, batch_size=cfg.eval.batch_size,
+                         desc="captioning after")
 
+    tuned_captions = {a["id"]: a["prediction"] for a in after.predictions}
     examples = [
-        {"id": b["id"], "reference": b["references"][0], "before": b["prediction"], "after": a["prediction"]}
-        for b, a in zip(before.predictions[:5], after.predictions[:5])
+        {"id": b["id"], "reference": b["references"][0], "before": b["prediction"], "after": tuned_captions[b["id"]]}
+        for b in before.predictions[:5]
     ]
     summary = {"before": before.metrics, "after": after.metrics, "examples": examples}
     write_json(output / "demo.json", summary)

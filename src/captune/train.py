@@ -187,7 +187,36 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     return items, loader, sampler
 
 
-def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> TrainResult:
+def trainable_model(cfg: Config, model=None, processor=None):
+    """The model (loaded from cfg.model unless given) with the training mode, memory savers and speed levers on."""
+    if model is None:
+        model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
+    t = cfg.train
+    model = apply_mode(model, t.mode, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                       lora_targets=t.lora_targets, lora_vision=t.lora_vision)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    apply_speed_levers(model, sdpa=t.sdpa, compile=t.compile)
+    return model, processor
+
+
+def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        clear_run_state(output)
+    remove_partial_checkpoints(output)
+    save_config(cfg, output / "config.yaml")
+
+
+def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) -> None:
+    for item in items:
+        if on_bad_sample == "error":
+            raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
+        log.warning("skipped %s", item["reason"])
+        skipped.append(item)
+
+
+def train(cfg: Config, *, model=None, processor=None, resume: bool = False, before=None) -> TrainResult:
     """Fine-tune a BLIP captioner as `cfg` says and write the run directory.
 
     Args:
@@ -195,6 +224,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
         resume: continue from the newest complete checkpoint in RUN/checkpoints/ (from scratch when none).
+        before: the untrained model's `EvalResult` on the validation images, when the caller already has it (the
+            demo): the report's "before" captions are then not decoded a second time.
 
     Returns:
         TrainResult with the run directory and the best validation score.
@@ -224,20 +255,10 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
     # Rows already unusable in the metadata (missing file, empty caption...) are skips like undecodable images.
     skipped = [{"id": p.id or p.where, "reason": str(p)} for p in data.problems]
     validation = data.validation[: cfg.data.max_val_images or None]
-    if model is None:
-        model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
     t = cfg.train
-    model = apply_mode(model, t.mode, lora_rank=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                       lora_targets=t.lora_targets, lora_vision=t.lora_vision)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    apply_speed_levers(model, sdpa=t.sdpa, compile=t.compile)
+    model, processor = trainable_model(cfg, model, processor)
     if main:
-        output.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            clear_run_state(output)
-        remove_partial_checkpoints(output)
-        save_config(cfg, output / "config.yaml")
+        _start_run_directory(output, cfg, fresh=checkpoint is None)
         log.info(
             "training %s (mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d process(es), "
             "precision %s", cfg.model.name, t.mode, len(data.train), count_captions(data.train),
@@ -331,10 +352,11 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
 
     if validation and cfg.eval.caption_before and checkpoint is None:
-        # The report's "before" captions: the untouched model, decoded exactly as validation will decode.
-        before = evaluate(model, processor, validation, options, accelerator=accelerator,
-                          batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                          desc="captioning before training", meteor=False)
+        # The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless
+        # the caller, the demo, has already done that and hands them over).
+        before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
+                                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                    desc="captioning before training", meteor=False)
         if main:
             metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
@@ -356,11 +378,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
                 for batch in batches:
                     state["batch"] += 1
-                    for item in batch.pop("skipped", []):
-                        if cfg.data.on_bad_sample == "error":
-                            raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
-                        log.warning("skipped %s", item["reason"])
-                        state["skipped"].append(item)
+                    _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
                     # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
                     # process must take part in each step's collectives.
                     pairs = batch.pop("pairs")
@@ -441,9 +459,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False) -> T
         if skipped:
             log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
         unwrapped = accelerator.unwrap_model(model)
-        save_model(unwrapped, processor, output / "last", settings, card(final_metrics, step))
-        if state["best_score"] is None:
-            save_model(unwrapped, processor, output / "best", settings, card(final_metrics, step))
+        for name in ("last", "best") if state["best_score"] is None else ("last",):
+            save_model(unwrapped, processor, output / name, settings, card(final_metrics, step))
         write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
                                              "best_score": state["best_score"], "best_metric": t.best_metric,
                                              "final_metrics": final_metrics, "skipped_samples": skipped,
