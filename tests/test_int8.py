@@ -90,7 +90,8 @@ def test_sdpa_attention_runs_the_quantized_projections_in_either_order(trained):
     disable_sdpa(eager)
     int8_first = quantize_int8(eager)
     assert enable_sdpa(int8_first) == 4 + 2 * 2
-    assert caption_images(sdpa_first, processor, images, OPTIONS) == caption_images(int8_first, processor, images, OPTIONS)
+    captions = caption_images(sdpa_first, processor, images, OPTIONS)
+    assert captions == caption_images(int8_first, processor, images, OPTIONS)
 
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     ids = processor.tokenizer(["two red circles"] * len(images), return_tensors="pt")
@@ -162,3 +163,12 @@ def test_eval_int8_scores_like_fp32(trained, tmp_path, monkeypatch):
         scores[bool(flag)] = json.loads((out / "metrics.json").read_text())
     assert abs(scores[True]["exact_match"] - scores[False]["exact_match"]) <= 0.1, scores
     assert abs(scores[True]["cider"] - scores[False]["cider"]) <= 0.3, scores
+
+
+def test_serve_int8_serves_a_quantized_cpu_captioner(tiny_model_dir, monkeypatch):
+    served = {}
+    monkeypatch.setattr("captune.serve.run_server", lambda captioner, **kwargs: served.update(captioner=captioner))
+    assert main(["-q", "serve", "--model", str(tiny_model_dir), "--int8", "--port", "0"]) == 0
+    captioner = served["captioner"]
+    assert captioner.device.type == "cpu"
+    assert all(_linear_counts(tower)[0] == 0 for tower in int8_targets(captioner.model).values())
