@@ -335,6 +335,7 @@ def cmd_eval(args) -> int:
                            "datasets copy of the held-out images")
     # Under torchrun / accelerate launch each process captions a shard; evaluate() gathers them. cpu=True on a
     # CUDA-less machine: without it Accelerate ignores torchrun's WORLD_SIZE there and every process runs alone.
+    # --int8 is a CPU lever (int8 kernels exist for CPUs only): it keeps every process on the CPU even next to a GPU.
     accelerator = Accelerator(cpu=args.int8 or not torch.cuda.is_available())
     results = {}
     for label, name in zip(model_labels(args.model), args.model):
