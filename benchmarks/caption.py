@@ -6,14 +6,21 @@
 
 Baseline: `pipeline("image-text-to-text", model=..., processor=...)` called per image file (transformers 5.24
 removed the `image-to-text` task name; it now resolves to this pipeline). captune: `captune.generate.caption_images`
-on batches of `--batch-size` images, with SDPA attention (`captune-eager` rows: the same without SDPA).
+on batches of `--batch-size` images, with SDPA attention (`captune-eager` rows: the same without SDPA;
+`captune-int8` rows: SDPA plus `captune.speed.quantize_int8`, i.e. `captune caption --int8`).
 Both read and decode the JPEGs inside the timed region. Random weights never emit [SEP], so captions run to the cap;
 `min_new_tokens = max_new_tokens` makes every variant decode exactly the same number of tokens.
+
+int8 agreement with fp32 captune, printed after the table: the cosine between the two ViTs' output embeddings, and
+the fraction of caption words equal at the same position. With random weights the decoder's logits are nearly flat,
+so one flipped argmax changes the rest of the caption: the word figure is a floor, not what a trained model sees
+(tests/test_int8.py measures caption agreement on a trained tiny model).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -28,7 +35,7 @@ from common import build_model, machine, write_images  # noqa: E402
 
 from captune.data.records import load_rgb  # noqa: E402
 from captune.generate import GenerationOptions, caption_images  # noqa: E402
-from captune.speed import disable_sdpa, enable_sdpa  # noqa: E402
+from captune.speed import disable_sdpa, enable_sdpa, quantize_int8  # noqa: E402
 
 
 def time_pipeline(model, processor, paths, beams: int, tokens: int) -> tuple[float, list[str]]:
@@ -47,6 +54,22 @@ def time_captune(model, processor, paths, beams: int, tokens: int, batch_size: i
     return time.perf_counter() - start, captions
 
 
+def vision_cosine(model, quantized, processor, paths) -> float:
+    """Mean cosine between the fp32 and int8 ViTs' output embeddings (first 8 images, flattened per image)."""
+    pixel_values = processor.image_processor([load_rgb(p) for p in paths[:8]], return_tensors="pt")["pixel_values"]
+    reference = model.vision_model(pixel_values=pixel_values)[0].flatten(1)
+    candidate = quantized.vision_model(pixel_values=pixel_values)[0].flatten(1)
+    return torch.nn.functional.cosine_similarity(candidate, reference).mean().item()
+
+
+def caption_agreement(fp32_captions, int8_captions) -> dict:
+    """Position-wise word agreement and the fraction of identical captions."""
+    words = [(a.split(), b.split()) for a, b in zip(fp32_captions, int8_captions)]
+    same = sum(x == y for a, b in words for x, y in zip(a, b)) / max(1, sum(len(a) for a, _ in words))
+    identical = sum(a == b for a, b in zip(fp32_captions, int8_captions)) / len(fp32_captions)
+    return {"word_agreement": same, "identical_captions": identical}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=32)
@@ -54,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--modes", type=int, nargs="+", default=[1, 3], help="beam widths (1 = greedy)")
     parser.add_argument("--no-eager", action="store_true", help="skip the captune-eager (no SDPA) ablation")
+    parser.add_argument("--no-int8", action="store_true", help="skip the captune-int8 (SDPA + int8) variant")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 images, 3 tokens, no ablation")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -65,17 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, _ = build_model(args.smoke)
     model.eval()
     torch.set_grad_enabled(False)
-    results = []
+    results, agreement = [], {}
+    # Quantized once, outside the timed region, as `captune caption --int8` does at load.
+    quantized = None
+    if not args.no_int8:
+        quantized = quantize_int8(copy.deepcopy(model))
+        enable_sdpa(quantized)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images, size=(160, 120) if args.smoke else (640, 480))
         # Warm-up: first calls allocate and pick kernels.
         time_captune(model, processor, paths[:2], 1, 2, 2)
+        if quantized is not None:
+            time_captune(quantized, processor, paths[:2], 1, 2, 2)
         for beams in args.modes:
-            variants = ["pipeline", "captune"] + ([] if args.no_eager else ["captune-eager"])
+            variants = (["pipeline", "captune"] + ([] if quantized is None else ["captune-int8"])
+                        + ([] if args.no_eager else ["captune-eager"]))
+            by_variant = {}
             for variant in variants:
                 if variant == "pipeline":
                     disable_sdpa(model)
                     seconds, captions = time_pipeline(model, processor, paths, beams, args.max_new_tokens)
+                elif variant == "captune-int8":
+                    seconds, captions = time_captune(quantized, processor, paths, beams, args.max_new_tokens,
+                                                     args.batch_size)
                 else:
                     (enable_sdpa if variant == "captune" else disable_sdpa)(model)
                     seconds, captions = time_captune(model, processor, paths, beams, args.max_new_tokens,
@@ -83,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 words = sum(len(c.split()) for c in captions) / len(captions)
                 results.append({"variant": variant, "num_beams": beams, "images": len(paths), "seconds": seconds,
                                 "captions_per_s": len(paths) / seconds, "mean_words": words})
+                by_variant[variant] = captions
                 print(f"  {variant:14s} beams {beams}: {len(paths) / seconds:7.3f} captions/s "
                       f"({seconds:.1f} s, {words:.1f} words/caption)", flush=True)
+            if quantized is not None:
+                agreement[beams] = caption_agreement(by_variant["captune"], by_variant["captune-int8"])
+        cosine = None if quantized is None else vision_cosine(model, quantized, processor, paths)
     print("\n| decoding | variant | captions/s | x pipeline |\n|---|---|---|---|")
     for beams in args.modes:
         rows = [r for r in results if r["num_beams"] == beams]
@@ -92,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             mode = "greedy" if beams == 1 else f"beam {beams}"
             print(f"| {mode} | {r['variant']} | {r['captions_per_s']:.3f} | {r['captions_per_s'] / base:.2f}x |")
+    if cosine is not None:
+        print(f"\nint8 vs fp32: vision embedding cosine {cosine:.4f}")
+    for beams, a in agreement.items():
+        mode = "greedy" if beams == 1 else f"beam {beams}"
+        print(f"int8 vs fp32 captune, {mode}: words equal at the same position {a['word_agreement']:.1%}, identical "
+              f"captions {a['identical_captions']:.0%} (random weights: a floor, see the module docstring)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"machine": info, "results": results, "int8_vision_cosine": cosine,
+                                         "int8_agreement": agreement}, indent=1))
     return 0
 
 
