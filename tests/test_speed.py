@@ -150,3 +150,25 @@ def test_train_config_flags_reach_the_model(tmp_path):
     train(cfg, model=model, processor=processor)
     assert not sdpa_enabled(model)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_beam_search_cache_gives_the_default_caches_tokens(tiny, sdpa):
+    """Not reordering the cross-attention keys is exact: all beams of an image hold the same ones."""
+    from captune.speed import beam_search_cache
+
+    model, processor = tiny
+    candidate = copy.deepcopy(model).eval()
+    (enable_sdpa if sdpa else disable_sdpa)(candidate)
+    pixels = processor.image_processor(_images(4), return_tensors="pt")["pixel_values"]
+    prompt = processor.tokenizer(["a picture of"] * 4, return_tensors="pt")["input_ids"]
+    for beams, ids in ((3, None), (4, prompt)):
+        kwargs = dict(num_beams=beams, max_new_tokens=10, min_new_tokens=4)
+        plain = candidate.generate(pixel_values=pixels, input_ids=None if ids is None else ids.clone(), **kwargs)
+        cache = beam_search_cache()
+        moved = []
+        cache.cross_attention_cache.reorder_cache = moved.append  # it must never be asked to move
+        shared = candidate.generate(pixel_values=pixels, input_ids=None if ids is None else ids.clone(),
+                                    cache=cache, **kwargs)
+        assert torch.equal(plain, shared) and moved == []
+        assert cache.cross_attention_cache.get_seq_length() == 65  # it was used: 64 patches + CLS per image

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
+from .speed import beam_search_cache
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -72,7 +74,10 @@ def caption_pixels(model, tokenizer, pixel_values: torch.Tensor, options: Genera
         prompt_positions = ids.shape[1] - 1
     else:
         ids, prompt_positions = None, 1  # generate() starts from [DEC] alone
-    output = model.generate(pixel_values=pixel_values, input_ids=ids, **options.generate_kwargs())
+    kwargs = options.generate_kwargs()
+    if options.num_beams > 1:
+        kwargs["cache"] = beam_search_cache()  # same captions, without copying image keys every step
+    output = model.generate(pixel_values=pixel_values, input_ids=ids, **kwargs)
     return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_positions:], skip_special_tokens=True)]
 
 

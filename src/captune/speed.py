@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.models.blip.modeling_blip import BlipAttention
 from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
@@ -233,3 +233,22 @@ def share_images(vision_model: torch.nn.Module, image_index: torch.Tensor | None
         yield
     finally:
         handle.remove()
+
+
+class SharedCrossAttentionCache(EncoderDecoderCache):
+    """The decoder cache for beam search over images: reorders self-attention only.
+
+    Every step, beam search reorders the cache along the (image x beam) rows. BLIP's cross-attention keys and values
+    (577 image tokens x 12 layers at 384 px) are the same for all beams of one image, and the reorder never moves a
+    row to another image, so reordering them copies ~2 GB a step at batch 16 x 3 beams to leave the values exactly as
+    they were. Measured on the 2-core CPU (full-size, int8, 8 images, beam 3, 20 tokens): those copies were 48% of
+    the time (`aten::index_select`, torch.profiler).
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
+def beam_search_cache() -> EncoderDecoderCache:
+    """A fresh cache for one `generate()` call with num_beams > 1 (see SharedCrossAttentionCache)."""
+    return SharedCrossAttentionCache(DynamicCache(), DynamicCache())
