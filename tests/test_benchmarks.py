@@ -50,3 +50,13 @@ def test_gpu_sh_smoke(tmp_path):
     results = json.loads((tmp_path / "gpu_bench.json").read_text())["results"]
     assert results["full"]["samples_per_s"] > 0 and results["full"]["flops_per_sample"] > 0
     assert results["caption beam 3"]["captions_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_padding_smoke():
+    out = _run(ROOT / "benchmarks/padding.py", "--smoke")
+    rows = [line for line in out.splitlines() if line.startswith("| shuffled") or line.startswith("| length-grouped")]
+    assert len(rows) == 2
+    # Sorting mega-batches by length can only remove padding.
+    shuffled_pad, grouped_pad = (float(row.split("|")[3].strip().rstrip("%")) for row in rows)
+    assert grouped_pad < shuffled_pad
