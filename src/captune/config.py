@@ -142,7 +142,8 @@ class TrainConfig:
     sdpa: bool = True
     """Fused scaled-dot-product attention in BLIP's vision and text attention (same numbers as eager, faster)."""
     compile: bool = False
-    """torch.compile the training forward (GPU; on CPU compilation costs minutes and recompiles per caption length)."""
+    """torch.compile the training forward with dynamic shapes (one compilation for every caption length). Costs a
+    minute or more up front; measured no faster on the 2-core CPU (benchmarks/RESULTS.md), unmeasured on GPUs."""
     fused_adamw: bool = True
     """AdamW's fused kernel (one kernel per step over all parameters; CUDA and CPU)."""
 
