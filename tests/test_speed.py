@@ -172,3 +172,21 @@ def test_beam_search_cache_gives_the_default_caches_tokens(tiny, sdpa):
                                     cache=cache, **kwargs)
         assert torch.equal(plain, shared) and moved == []
         assert cache.cross_attention_cache.get_seq_length() == 65  # it was used: 64 patches + CLS per image
+
+
+def test_compile_flag_reaches_the_config():
+    from captune.cli import build_parser, train_overrides
+    from captune.config import load_config
+
+    parse = build_parser().parse_args
+    assert load_config(None, train_overrides(parse(["train", "--compile"]))).train.compile is True
+    assert load_config(None, train_overrides(parse(["train"]))).train.compile is False
+
+
+def test_compile_uses_dynamic_shapes(monkeypatch):
+    """Static compilation would recompile for every caption length dynamic padding produces."""
+    model, _ = load_model_and_processor("tiny")
+    calls = []
+    monkeypatch.setattr(model, "compile", lambda **kwargs: calls.append(kwargs))
+    apply_speed_levers(model, sdpa=True, compile=True)
+    assert calls == [{"dynamic": True}]

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
     train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
     train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
     train.add_argument("--resume", action="store_true",
@@ -235,6 +237,7 @@ def train_overrides(args) -> dict:
         ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
         ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
         ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
+        ("train", "compile"): args.compile,
     }
     values: dict = {}
     for path, value in flags.items():
