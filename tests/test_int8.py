@@ -172,3 +172,9 @@ def test_serve_int8_serves_a_quantized_cpu_captioner(tiny_model_dir, monkeypatch
     captioner = served["captioner"]
     assert captioner.device.type == "cpu"
     assert all(_linear_counts(tower)[0] == 0 for tower in int8_targets(captioner.model).values())
+    from fastapi.testclient import TestClient
+
+    from captune.serve import create_app
+
+    with TestClient(create_app(captioner)) as client:
+        assert client.get("/health").json()["int8"] is True

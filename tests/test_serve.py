@@ -26,7 +26,7 @@ def upload(name="a.png", data=None, kind="image/png"):
 
 def test_health_page_and_openapi(client):
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["device"] == "cpu"
+    assert health["status"] == "ok" and health["device"] == "cpu" and health["int8"] is False
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
     assert "http" not in page.text.split("<script>")[1]  # no external assets: works offline

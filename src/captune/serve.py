@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from . import __version__
 from .batching import BatchQueue
 from .serve_page import PAGE
+from .speed import int8_quantized
 
 log = logging.getLogger("captune")
 
@@ -147,7 +148,8 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": captioner.name, "device": str(captioner.device), "version": __version__}
+        return {"status": "ok", "model": captioner.name, "device": str(captioner.device),
+                "int8": int8_quantized(captioner.model), "version": __version__}
 
     @app.get("/stats")
     async def stats():

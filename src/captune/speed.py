@@ -162,6 +162,11 @@ def int8_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {"vision_model": model.vision_model, "text_decoder.bert": model.text_decoder.bert}
 
 
+def int8_quantized(model: torch.nn.Module) -> bool:
+    """True when `quantize_int8` has been applied to `model` (some Linear layer is dynamic int8)."""
+    return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+
+
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     """Dynamic int8 quantization of the Linear layers of BLIP's vision tower and text decoder, for CPU inference.
 
