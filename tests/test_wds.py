@@ -108,3 +108,10 @@ def test_accumulation_steps_on_each_epochs_last_partial_window(tmp_path):
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r["epoch"] for r in steps if r["split"] == "train"]
     assert epochs == [0, 0, 0, 1, 1, 1]
+
+
+def test_a_stream_read_by_more_workers_than_it_was_split_for_refuses(tmp_path):
+    tar_shards(tmp_path, 1, 4)
+    stream = training_dataset(build_dataset(tmp_path).train, num_workers=0)
+    with pytest.raises(ValueError, match="pass num_workers"):
+        list(DataLoader(stream, batch_size=2, num_workers=2, collate_fn=IdCollator()))

@@ -215,6 +215,10 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        if (info.num_workers if info is not None else 1) != self.workers:
+            # Consumers would overlap (or leave samples out): the split assumes the worker count it was built with.
+            raise ValueError(f"ShardStream built for {self.workers} worker(s) is read by "
+                             f"{info.num_workers if info else 0}: pass num_workers to training_dataset")
         worker = info.id if info is not None else 0
         consumers, me = self.world_size * self.workers, self.rank * self.workers + worker
         rng = random.Random(f"captune-stream {self.seed} {self.epoch} {me}")
