@@ -155,12 +155,18 @@ def test_caption_cli_int8_writes_captions(trained, tmp_path):
 
 def test_eval_int8_scores_like_fp32(trained, tmp_path, monkeypatch):
     monkeypatch.setattr("captune.metrics.shutil.which", lambda name: None)  # Java-less scorer: seconds, not a JVM
+    import captune.speed
+
+    quantized = []
+    real = captune.speed.quantize_int8
+    monkeypatch.setattr(captune.speed, "quantize_int8", lambda model: quantized.append(model) or real(model))
     scores = {}
     for flag in ([], ["--int8"]):
         out = tmp_path / ("int8" if flag else "fp32")
         assert main(["-q", "eval", "--model", str(trained["dir"]), "--data", str(trained["data"]), "--output",
                      str(out), "--max-new-tokens", "8", *flag]) == 0
         scores[bool(flag)] = json.loads((out / "metrics.json").read_text())
+    assert len(quantized) == 1 and captune.speed.int8_quantized(quantized[0])  # only the --int8 run, really int8
     assert abs(scores[True]["exact_match"] - scores[False]["exact_match"]) <= 0.1, scores
     assert abs(scores[True]["cider"] - scores[False]["cider"]) <= 0.3, scores
 
