@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import CaptuneError
+from .metrics import guard_warnings
 
 log = logging.getLogger("captune")
 
@@ -33,7 +34,8 @@ GALLERY_SIZE = 12
 EXTREMES = 5
 """Best and worst examples by per-image CIDEr."""
 THUMBNAIL_PX = 224
-TABLE_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
+TABLE_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+                 "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
 PLOTTED_METRICS = ("bleu_4", "meteor", "rouge_l", "spice")
 """Scores in [0, 1], drawn on one axis; CIDEr (0 to 10) gets its own beside them."""
 LINKED_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "val_predictions_before.jsonl",
@@ -218,7 +220,13 @@ def _metrics_section(records: list[dict], summary: dict) -> str:
         out.append("</table><p class=note>Each column is one model scored on the validation images: the base model "
                    "before the first step, best/ (the checkpoint the selection metric chose) and last/ (the final "
                    "weights). pycocoevalcap scorers; METEOR only at the final validation (Java); CIDEr on its raw "
-                   "0-10 scale.</p>")
+                   "0-10 scale. repeated_ngram_rate: share of captions repeating a word or a word trigram; "
+                   "distinct_captions: distinct captions / images (distinct_references: the same for the "
+                   "references); vocabulary: distinct words used.</p>")
+        images = (summary.get("data") or {}).get("validation_images")
+        judged = summary.get("final_metrics") or (validations[-1] if validations else {})
+        for warning in guard_warnings(judged, images=images):
+            out.append(f"<p class=warning><b>Warning:</b> {_e(warning)}</p>")
     else:
         out.append("<p>No validation metrics (the run had no validation data).</p>")
     out.append("</section>")
@@ -420,6 +428,7 @@ td{font-variant-numeric:tabular-nums}.note{color:#666;font-size:.9em}
 .noimg{width:160px;height:96px;margin:auto;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 .id{color:#777;font-size:.8em;word-break:break-all}.before{color:#a33}.after{color:#262}.score{color:#777;font-size:.85em}
 .refs ul{margin:.2em 0;padding-left:1.2em;color:#444}.refs{font-size:.9em}
+.warning{background:#fff4e0;border-left:4px solid #e08a00;padding:.5em .8em}
 pre{background:#f6f6f6;padding:.8em;overflow:auto}ul.skipped{max-height:20em;overflow:auto}
 """
 
