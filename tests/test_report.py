@@ -210,7 +210,7 @@ def test_report_states_the_runs_facts(run):
 def test_validation_loss_is_the_training_objective_on_validation_captions(run):
     from captune.data import build_dataset
     from captune.data.collate import CaptionCollator, CaptionPairs
-    from captune.train import batch_loss
+    from captune.train import batch_loss_sum, target_tokens
 
     records = _jsonl(run / "metrics.jsonl")
     checks = [r for r in records if r["split"] in ("before", "validation")]
@@ -227,7 +227,7 @@ def test_validation_loss_is_the_training_objective_on_validation_captions(run):
     import torch
 
     with torch.no_grad():
-        expected = batch_loss(model.eval(), batch, 0.1).item()
+        expected = (batch_loss_sum(model.eval(), batch, 0.1) / target_tokens(batch["labels"])).item()
     assert abs(checks[-1]["loss"] - expected) < 1e-3
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "<th>validation loss</th>" in page and "label smoothing 0.1" in page and "below 1.36" in page

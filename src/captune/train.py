@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -35,9 +37,11 @@ from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
 from .runinfo import data_commit, library_versions, loss_floor, peak_memory
+from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
 
-__all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
+__all__ = ["TrainResult", "accumulation_windows", "caption_loss", "caption_loss_sum", "eval_options", "save_model",
+           "selection_score", "train", "window_tokens"]
 
 log = logging.getLogger("captune")
 
@@ -97,27 +101,56 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Next-token cross entropy averaged over caption tokens; -100 labels (pads, prompt) are ignored.
+def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Next-token cross entropy summed over caption tokens; -100 labels (pads, prompt) are ignored.
 
     Computed here rather than by the model so label smoothing is a training option, not a property of the saved
     config (transformers' BLIP reads it from `text_config.label_smoothing`, default 0).
     """
     shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    total = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing, reduction="sum",
     )
-    # The mean over caption tokens, and 0 (not 0/0) for a placeholder batch with none: no host sync either way.
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def batch_loss(model, batch: dict, label_smoothing: float) -> torch.Tensor:
-    """The training objective on one collated batch: the forward pass and `caption_loss` (validation loss too)."""
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Caption tokens the loss is taken over (labels shifted by one, -100 left out)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """`caption_loss_sum` averaged over the batch's caption tokens."""
+    # 0 (not 0/0) for a placeholder batch with no token: no host sync either way.
+    return caption_loss_sum(logits, labels, label_smoothing) / target_tokens(labels).clamp(min=1)
+
+
+def accumulation_windows(batches, size: int):
+    """Consecutive lists of `size` batches (the last of an epoch may be shorter): one optimizer step each.
+
+    A resumed epoch starts on a window boundary (checkpoints are taken after optimizer steps), so windows line up
+    with the uninterrupted run's. Holding a window's batches at once costs `size - 1` batches of memory.
+    """
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def window_tokens(accelerator, window: list[dict]) -> torch.Tensor:
+    """Caption tokens of the whole accumulation window, summed over its micro-batches and every process.
+
+    The loss of an optimizer step is the mean over these tokens (see `train`); one all-reduce a window.
+    """
+    local = torch.stack([target_tokens(batch["labels"]) for batch in window]).sum().to(accelerator.device)
+    return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+
+
+def batch_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """The training objective on one collated batch, summed over its caption tokens: the forward pass and
+    `caption_loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
     outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"])
-    return caption_loss(outputs.logits, batch["labels"], label_smoothing)
+    return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
 
 
 @torch.no_grad()
@@ -134,8 +167,8 @@ def validation_loss(model, loader, label_smoothing: float, accelerator) -> float
         batch.pop("skipped", None)
         if not batch.pop("pairs"):
             continue
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        total += torch.stack([batch_loss(model, batch, label_smoothing).float() * tokens, tokens.float()])
+        total += torch.stack([batch_loss_sum(model, batch, label_smoothing).float(),
+                              target_tokens(batch["labels"]).float()])
     model.train(was_training)
     loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 \
         else total.tolist()
@@ -207,16 +240,18 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
                             normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
     )
     workers = cfg.data.num_workers
+    # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
+    generator = torch.Generator()
     if isinstance(items, IterableDataset):
         # Not persistent: a stream's workers must be re-created each epoch to see its new epoch number (seeding).
         loader = DataLoader(items, batch_size=batch_size, collate_fn=collator, num_workers=workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=generator)
         return items, prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
                                           put_on_device=True, dispatch_batches=False), None
     # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
     sampler = EpochSampler(len(items), cfg.train.seed, groups=items.groups())
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), generator=generator)
     return items, loader, sampler
 
 
@@ -425,7 +460,6 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
     pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
-    loss_sum, micro = torch.zeros((), device=accelerator.device), 0
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     with StopRequests() as stop:
@@ -436,26 +470,20 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     items.set_epoch(epoch)
                 else:
                     sampler.set_order(epoch)
+                seed_loader(loader.generator, t.seed, epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
-                for batch in batches:
-                    state["batch"] += 1
-                    _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
-                    # process must take part in each step's collectives.
-                    pairs = batch.pop("pairs")
-                    with accelerator.accumulate(model), share_images(vision, batch.get("image_index")):
-                        loss = batch_loss(model, batch, t.label_smoothing)
-                        accelerator.backward(loss)
-                    if pairs:
-                        loss_sum, micro = loss_sum + loss.detach(), micro + 1
+                for window in accumulation_windows(batches, t.grad_accum):
+                    for batch in window:
+                        _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
+                    loss_sum, tokens, pairs = backward_window(
+                        accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                        epoch=epoch, first_batch=state["batch"])
+                    state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
                     pairs_trained += pairs * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
                     step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
-                    loss_value, bad, signalled = _agree(accelerator, loss_sum, micro, stop.requested is not None)
-                    loss_sum, micro = torch.zeros_like(loss_sum), 0
+                    loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
                     if bad and t.on_nonfinite == "stop":
                         last_good = latest_checkpoint(output)
                         raise CaptuneError(
@@ -548,15 +576,52 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                        final_metrics=final_metrics)
 
 
-def _agree(accelerator, loss_sum: torch.Tensor, micro: int, stop: bool) -> tuple[float | None, bool, bool]:
-    """(mean loss over the step's real micro-batches on every process, or None when there were none; any loss
-    non-finite; any process asked to stop): one device sync a step."""
-    local = torch.stack([loss_sum.float(), torch.tensor(float(micro), device=loss_sum.device),
-                         (~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop), device=loss_sum.device)])
+def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,
+                    first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over one accumulation window, gradients synchronised after its last micro-batch.
+
+    The step's loss is the mean over every caption token of the window on every process (the fix transformers'
+    Trainer made in 2024 for gradient accumulation): each micro-batch's token losses are summed and divided by the
+    window's total, so a short last window is not scaled down, a placeholder batch (no usable pair, see
+    CaptionCollator: it still runs, as every process must take part in each step's collectives) weighs nothing, and
+    a long caption weighs what it would in one big batch. DDP averages gradients over processes and
+    `accelerator.backward` divides by grad_accum (always, even for a short window): the scale below undoes both.
+
+    Args:
+        vision: the unwrapped vision tower (grouped batches repeat its output rows, see speed.share_images).
+        first_batch: the epoch position of the window's first micro-batch (seeds its dropout).
+
+    Returns:
+        (this process's summed token loss, detached; the window's caption tokens on all processes; usable pairs).
+    """
+    tokens = window_tokens(accelerator, window)
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
+    loss_sum, pairs = torch.zeros((), device=accelerator.device), 0
+    for position, batch in enumerate(window):
+        pairs += batch.pop("pairs")
+        # The window is known up front, so the sync point is set here rather than by `accelerator.accumulate`, whose
+        # end-of-loader detection fires as soon as the epoch's last batch is fetched, i.e. early in a prefetched
+        # window. The prepared optimizer steps only when this is True.
+        accelerator.sync_gradients = position == len(window) - 1
+        seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
+        with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
+              share_images(vision, batch.get("image_index"))):
+            loss = batch_loss_sum(model, batch, label_smoothing)
+            accelerator.backward(loss * scale)
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, tokens, pairs
+
+
+def _agree(accelerator, loss_sum: torch.Tensor, tokens: torch.Tensor, stop: bool) -> tuple[float | None, bool, bool]:
+    """(the step's loss: summed token losses over the window's `tokens` on all processes, or None when there were
+    none; any loss non-finite; any process asked to stop): one device sync a step."""
+    local = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop), device=loss_sum.device)])
     if accelerator.num_processes > 1:
         every = accelerator.gather(local.unsqueeze(0))
-        local = torch.stack([every[:, 0].sum(), every[:, 1].sum(), every[:, 2].max(), every[:, 3].max()])
-    total, count, bad, signalled = local.tolist()
+        local = torch.stack([every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()])
+    total, bad, signalled = local.tolist()
+    count = int(tokens.item())
     return (total / count if count else None), bad > 0, signalled > 0
 
 
