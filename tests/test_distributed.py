@@ -75,7 +75,9 @@ def losses(run: Path) -> list[float]:
 
 def test_two_processes_batch_4_follow_one_process_batch_8(data_dir, single, tmp_path):
     output = tmp_path / "run"
-    torchrun(["-m", "captune", "-q"] + train_args(data_dir, output, batch_size=4))
+    # Checkpoints kept (a clean finish removes them by default), the step-2 one beside the final step-3 one.
+    torchrun(["-m", "captune", "-q"] + train_args(data_dir, output, batch_size=4)
+             + ["--keep-checkpoints", "--keep-last", "2"])
     one, two = losses(single), losses(output)
     assert len(one) == len(two) == 3  # one writer: no line twice
     # Same samples in each global batch; the per-process token means differ slightly from the global mean.

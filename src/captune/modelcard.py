@@ -53,7 +53,9 @@ def model_card(
     Returns:
         The README.md text.
     """
-    front = {"library_name": "transformers", "pipeline_tag": "image-to-text"}
+    # transformers 5 removed the `image-to-text` pipeline (it now builds `image-text-to-text`, which needs a text
+    # input): the tag names the pipeline the snippet below really uses.
+    front = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
     hub_id = hub_base_model(base_model)
     if hub_id:
         front["base_model"] = hub_id
@@ -89,7 +91,9 @@ def model_card(
             lines += ["", "**Warning.** " + " ".join(warnings)]
     else:
         lines.append("No validation data was given, so no metrics were computed.")
-    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", usage_snippet(prompt, generation), ""]
+    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", usage_snippet(prompt, generation), "",
+              "Or through the pipeline (transformers 5: the `image-text-to-text` task, which needs `text`; "
+              "`text=\"\"` for no prompt):", "", pipeline_snippet(prompt, generation), ""]
     return "\n".join(lines)
 
 
@@ -119,4 +123,17 @@ inputs = processor(images=image{text}, return_tensors="pt")
 output = model.generate(**inputs{', ' + kwargs if kwargs else ''})
 caption = processor.decode(output[0]{start}, skip_special_tokens=True){"  # without the prompt" if prompt else ""}
 print(caption)
+```"""
+
+
+def pipeline_snippet(prompt: str, generation: dict) -> str:
+    """The same captions through `transformers.pipeline` (MODEL as in `usage_snippet`)."""
+    kwargs = ", ".join(f"{k}={_value(v)}" for k, v in generation.items())
+    return f"""```python
+from transformers import pipeline
+
+MODEL = "path/to/this/directory"  # or the Hub repo id you uploaded it to
+captioner = pipeline("image-text-to-text", model=MODEL)
+result = captioner("photo.jpg", text={prompt.strip()!r}, return_full_text=False, generate_kwargs=dict({kwargs}))
+print(result[0]["generated_text"].strip())
 ```"""

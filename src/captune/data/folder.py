@@ -91,16 +91,19 @@ def read_folder(folder: Path, problems: list[Problem] | None = None) -> list[Cap
     grouped: dict[str, list[str]] = {}
     origins: dict[str, str] = {}
     n_rows = 0
+    first_problem = len(problems) if problems is not None else 0
     for line, row in rows:
         n_rows += 1
         where = f"{metadata}:{line}"
+        # A schema error is a problem of its row like any other, so `captune check` goes on and lists the rest.
         if "file_name" not in row:
-            raise CaptuneError(f"{where}: no file_name column (found: {', '.join(sorted(row)) or 'none'})")
+            report(problems, Problem(where, f"no file_name column (found: {', '.join(sorted(row)) or 'none'})"))
+            continue
         column = next((c for c in CAPTION_COLUMNS if c in row), None)
         if column is None:
-            raise CaptuneError(
-                f"{where}: no caption column; expected one of {', '.join(CAPTION_COLUMNS)} (found: {', '.join(sorted(row))})"
-            )
+            report(problems, Problem(where, f"no caption column; expected one of {', '.join(CAPTION_COLUMNS)} "
+                                            f"(found: {', '.join(sorted(row))})", str(row["file_name"])))
+            continue
         name = str(row["file_name"])
         captions = clean_captions(row[column])
         if not captions:
@@ -117,7 +120,9 @@ def read_folder(folder: Path, problems: list[Problem] | None = None) -> list[Cap
         origins.setdefault(name, where)
     if not grouped:
         detail = "has no rows" if not n_rows else "has no usable rows"
-        raise CaptuneError(f"{metadata} {detail}: the dataset is empty")
+        found = problems[first_problem:] if problems is not None else []
+        first = f" (first problem: {found[0]})" if found else ""
+        raise CaptuneError(f"{metadata} {detail}: the dataset is empty{first}")
     return [
         CaptionSample(id=name, captions=tuple(caps), image=folder / name, origin=origins[name])
         for name, caps in grouped.items()

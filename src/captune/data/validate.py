@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from pathlib import Path
+
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import CaptuneError
 from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, label, open_image, to_rgb
@@ -16,9 +19,15 @@ from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, la
 
 def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "", image_column: str = "",
                   caption_column: str = "", train_split: str = "train", eval_split: str = "",
-                  max_caption_tokens: int = 40, prompt: str = "", max_image_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                  max_caption_tokens: int = 40, prompt: str = "", max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                  progress: bool = False) -> dict:
     """Check a dataset; returns a JSON-ready report (see `format_report`). `report["errors"]` > 0 means unusable
-    samples (or a dataset that cannot be read at all, reported as one problem)."""
+    samples (or a dataset that cannot be read at all, reported as one problem).
+
+    Every problem is listed in one pass: an image folder whose split cannot be read at all (no caption column on
+    any row, say) is one problem of that split, and the other split is still checked. `progress` draws a bar per
+    split on stderr.
+    """
     from . import build_dataset, wds
 
     report: dict = {"data": str(path), "format": data_format, "splits": {}, "problems": []}
@@ -27,9 +36,11 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
                              caption_column=caption_column, train_split=train_split, eval_split=eval_split,
                              strict=False)
     except CaptuneError as exc:
-        report["problems"].append({"where": str(path), "id": "", "reason": str(exc)})
-        report["errors"] = 1
-        return report
+        data = _folder_splits_apart(path, data_format)
+        if data is None:
+            report["problems"].append({"where": str(path), "id": "", "reason": str(exc)})
+            report["errors"] = 1
+            return report
     report["format"] = data.format
     problems: list[Problem] = list(data.problems)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
@@ -43,7 +54,9 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
         if not isinstance(samples, list):  # streamed shards: read them through, as training will
             samples = _shard_samples(wds.iter_samples(samples.paths), problems)
         images = captions = 0
-        for sample in samples:
+        total = len(samples) if isinstance(samples, list) else None
+        for sample in tqdm(samples, total=total, desc=f"checking {split}", unit="img", disable=not progress or total == 0,
+                           leave=False):
             problem = _check_image(sample, max_image_pixels, sizes, modes, hashes, split)
             if problem is not None:
                 problems.append(problem)
@@ -62,6 +75,32 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
     report["problems"] = [{"where": p.where, "id": p.id, "reason": p.reason} for p in problems]
     report["errors"] = len(problems)
     return report
+
+
+def _folder_splits_apart(path: str, data_format: str):
+    """An image folder read split by split, each split's fatal error kept as one of its problems (None: not a
+    folder, or no split folder found), so one unreadable split does not hide the other's problems."""
+    from . import DatasetSplits, sniff
+    from .folder import find_splits, read_folder, read_sidecar_folder
+
+    try:
+        fmt = sniff(path) if data_format == "auto" else data_format
+        if fmt not in ("folder", "sidecar"):
+            return None
+        splits = find_splits(Path(path).expanduser(), fmt)
+    except CaptuneError:
+        return None
+    read = read_folder if fmt == "folder" else read_sidecar_folder
+    problems: list[Problem] = []
+    found: dict[str, list] = {"train": [], "validation": []}
+    for split, folder in splits.items():
+        before = len(problems)
+        try:
+            found[split] = read(folder, problems)
+        except CaptuneError as exc:
+            if len(problems) == before:  # else "no usable rows" only sums up the problems just listed
+                problems.append(Problem(str(folder), str(exc)))
+    return DatasetSplits(train=found["train"], validation=found["validation"], problems=problems, format=fmt)
 
 
 def _tokenizer():
