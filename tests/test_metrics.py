@@ -232,15 +232,13 @@ def test_no_java_on_path_falls_back_with_one_warning(monkeypatch, caplog):
 
 
 def test_unwritable_ptb_dir_falls_back(monkeypatch, caplog):
-    # PTBTokenizer writes its temp file beside its jar; a read-only install raises before java even starts.
-    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    # The captions go to java through a temporary file: an unwritable temporary directory raises before java starts.
+    import tempfile
 
-    class ReadOnly:
-        @staticmethod
-        def NamedTemporaryFile(**kwargs):
-            raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
 
-    monkeypatch.setattr(ptb, "tempfile", ReadOnly)
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
     monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
     monkeypatch.setattr(metrics, "_meteor_score", lambda gts, res: 0.5)
     monkeypatch.setattr(metrics, "_spice_score", lambda gts, res: None)

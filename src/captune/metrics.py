@@ -139,7 +139,7 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
         try:
             gts, res = _ptb_tokenize(predictions, references, ids)
             tokenizer = "ptb"
-        except OSError as err:  # e.g. pycocoevalcap installed read-only: PTBTokenizer writes its temp file there
+        except OSError as err:  # e.g. no writable temporary directory for the captions file java reads
             logger.warning("PTB tokenizer failed (%s): scoring with captune's simple tokeniser instead", err)
     if tokenizer == "simple":
         gts = {i: [simple_tokenize(r) for r in references[i]] for i in ids}
