@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output that already holds a run (its checkpoints, best/ and last/ "
+                       "are replaced); without it, or --resume, such a directory is refused")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exports RUN/best (or a model/adapter directory) as a directory that "
                                  "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
     export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
-    export.add_argument("--output", required=True, help="directory to write")
+    export.add_argument("--output", required=True, help="directory to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export (a model directory) at --output")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
@@ -267,7 +271,7 @@ def cmd_train(args) -> int:
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
         return 0
@@ -329,7 +333,10 @@ def cmd_eval(args) -> int:
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
+        strict=False, require_train=False,  # bad rows are skipped as training skips them, and named
     )
+    for problem in data.problems:
+        log.warning("skipped %s", problem)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     samples = (data.validation or data.train) if args.split == "auto" else splits[args.split]
     if not samples:
@@ -430,7 +437,7 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_merged
 
-    output = export_merged(args.run, args.output)
+    output = export_merged(args.run, args.output, overwrite=args.overwrite)
     log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
     return 0
 
