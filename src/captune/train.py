@@ -29,8 +29,9 @@ from .data import build_dataset, count_captions, training_dataset
 from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
 from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
+from .metrics import guard_warnings
 from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
-from .generate import GenerationOptions
+from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
@@ -116,6 +117,8 @@ def eval_options(cfg: Config) -> GenerationOptions:
     return GenerationOptions(
         num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
         min_new_tokens=cfg.eval.min_new_tokens, prompt=cfg.data.prompt,
+        repetition_penalty=cfg.eval.repetition_penalty, no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+        length_penalty=cfg.eval.length_penalty,
     )
 
 
@@ -330,8 +333,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
     options = eval_options(cfg)
     settings = {"base_model": cfg.model.name, "base_seed": t.seed, "mode": t.mode, "prompt": cfg.data.prompt,
                 "max_caption_tokens": cfg.data.max_caption_tokens,
-                "generation": {"num_beams": options.num_beams, "max_new_tokens": options.max_new_tokens,
-                               "min_new_tokens": options.min_new_tokens}}
+                "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
     final_metrics: dict = {}
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
@@ -363,6 +365,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
             accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step=step)
             write_jsonl(output / "val_predictions.jsonl", result.predictions)
             log.info("step %d validation: %s", step, _format_metrics(result.metrics))
+            for warning in guard_warnings(result.metrics, images=len(result.predictions)):
+                log.warning("step %d validation: %s", step, warning)
             if improved:
                 keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
                 save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
