@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send its headers, and each piece of its body (default 10)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections; past it new ones get 503 at once (default 256)")
     _guard_flags(serve.add_argument_group("generation defaults"), "the model dir's captune.json, else ")
 
     report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
@@ -446,7 +450,8 @@ def cmd_serve(args) -> int:
     try:
         limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                              max_images=args.max_images, max_batch_size=args.max_batch_size,
-                             batch_wait_s=args.batch_wait_ms / 1000)
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout_s=args.read_timeout,
+                             max_connections=args.max_connections)
     except ValueError as exc:
         raise CaptuneError(f"serve limits: {exc}") from exc
     defaults = {name: getattr(args, name) for name in ("repetition_penalty", "no_repeat_ngram_size", "length_penalty")

@@ -157,7 +157,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):  # `nan <= 0` is False: say what is wanted instead
-            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+            raise ValueError(f"train.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.label_smoothing < 1:

@@ -96,12 +96,12 @@ def read_folder(folder: Path, problems: list[Problem] | None = None) -> list[Cap
         where = f"{metadata}:{line}"
         # Each bad row is one problem, listed with the others; none of them hides the rest of the file.
         if "file_name" not in row:
-            report(problems, Problem(where, f"no file_name (found: {', '.join(sorted(row)) or 'none'})"))
+            report(problems, Problem(where, f"no file_name column (found: {', '.join(sorted(row)) or 'none'})"))
             continue
         column = next((c for c in CAPTION_COLUMNS if c in row), None)
         name = str(row["file_name"])
         if column is None:
-            report(problems, Problem(where, f"no caption; expected one of {', '.join(CAPTION_COLUMNS)} (found: "
+            report(problems, Problem(where, f"no caption column; expected one of {', '.join(CAPTION_COLUMNS)} (found: "
                                      f"{', '.join(sorted(row))})", name))
             continue
         if "\0" in name:
