@@ -151,7 +151,7 @@ def build_dataset(path: str | Path, val_split: float = 0.0, seed: int = 0, *, da
     if require_train and not train:
         found = problems or []
         listed = "; ".join(str(p) for p in found[:3]) + ("; ..." if len(found) > 3 else "")
-        raise CaptuneError(f"{path}: no usable training samples ({len(found)} problem(s): {listed}): "
+        raise CaptuneError(f"{path}: the dataset is empty: no usable training sample ({len(found)} problem(s): {listed}): "
                            f"`captune check {path}` lists them all")
     if val_split:
         if validation:
