@@ -2,11 +2,11 @@
 
 Inputs, all optional except that the directory exists (a section whose file is missing is left out):
     config.yaml                       the resolved configuration
-    metrics.jsonl                     split=train: loss, lr per step; split=validation: metrics; split=before
+    metrics.jsonl                     split=train: loss, lr (SCST: reward, greedy_reward) per step; split=validation: metrics; split=before
     summary.json                      steps, best step and score, data counts, skipped_samples (if the reader lists them)
     val_predictions_before.jsonl      validation captions of the model before the first step
     val_predictions.jsonl             validation captions of the last validation, with per-image cider
-Outputs: report.html and plots/{loss,lr,validation}.png (the same PNGs the page inlines).
+Outputs: report.html and plots/{loss,lr,validation}.png (and reward.png for SCST runs) (the same PNGs the page inlines).
 """
 
 from __future__ import annotations
@@ -115,6 +115,11 @@ def make_plots(records: list[dict], folder: Path) -> dict[str, Path]:
                                             {"loss": [r.get("loss") for r in train]}, "loss")
         plots["learning rate"] = _line_plot(folder / "lr.png", "learning rate", steps,
                                             {"lr": [r.get("lr") for r in train]}, "learning rate")
+        rewards = {k: [r.get(k) for r in train] for k in ("reward", "greedy_reward")
+                   if any(_number(r.get(k)) for r in train)}
+        if rewards:  # an SCST run: the mean CIDEr-D of the sampled (and greedy) training captions
+            plots["SCST reward"] = _line_plot(folder / "reward.png", "SCST reward (training CIDEr-D)", steps,
+                                              rewards, "CIDEr-D")
     if checks:
         series = {k: [r.get(k) for r in checks] for k in PLOTTED_METRICS if any(_number(r.get(k)) for r in checks)}
         if series:

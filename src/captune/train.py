@@ -34,6 +34,7 @@ from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .scst import ScstCollator, ScstImages, build_scst, sampling_seed, scst_loss
 from .speed import apply_speed_levers, share_images
 
 __all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
@@ -169,13 +170,16 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
     size = processor.image_processor.size["height"]
-    items = training_dataset(
-        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
+    options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
+                          else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
+    if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
+        items = ScstImages(train_data, options)
+    else:
+        items = training_dataset(
+            train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            options=options,
+        )
     workers = cfg.data.num_workers
     if isinstance(items, IterableDataset):
         # Not persistent: a stream's workers must be re-created each epoch to see its new epoch number (seeding).
@@ -276,6 +280,12 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
+    scst = None
+    if t.objective == "scst":
+        scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
+                          max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
+        collator = ScstCollator(lambda images: processor.image_processor(images, return_tensors="pt")["pixel_values"],
+                                processor)
     items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
@@ -386,10 +396,16 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
                     # process must take part in each step's collectives.
                     pairs = batch.pop("pairs")
-                    with accelerator.accumulate(model), share_images(vision, batch.get("image_index")):
-                        outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
-                        loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
+                    with accelerator.accumulate(model):
+                        if scst is not None:
+                            loss = scst_loss(scst, model, batch, unwrapped=accelerator.unwrap_model(model),
+                                             tokenizer=processor.tokenizer, vision=vision, seed=sampling_seed(
+                                                 t.seed, epoch, state["batch"], accelerator.process_index))
+                        else:
+                            with share_images(vision, batch.get("image_index")):
+                                outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"])
+                                loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
                         accelerator.backward(loss)
                     if pairs:
                         loss_sum, micro = loss_sum + loss.detach(), micro + 1
@@ -419,10 +435,13 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    if step % t.log_every_steps == 0 or step == 1:
+                    log_now = step % t.log_every_steps == 0 or step == 1
+                    rewards = scst.meter.finish_step(accelerator, log_now, t.scst_baseline == "greedy") if scst else {}
+                    if log_now:
                         metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
-                                          samples_per_s=rate)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                                          samples_per_s=rate, **rewards)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
                         seen, tick = 0, time.perf_counter()
                     if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
                         validate(epoch)
