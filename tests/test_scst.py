@@ -18,7 +18,7 @@ from captune.data.collate import IGNORE_INDEX, CaptionCollator
 from captune.data.records import CaptionSample
 from captune.data.synthetic import make_synthetic
 from captune.errors import CaptuneError
-from captune.scst import build_scst, policy_gradient_loss, rewards_and_baseline, sampling_seed
+from captune.scst import build_scst, policy_gradient_loss_sum, rewards_and_baseline
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +53,13 @@ def test_rewards_are_cider_d_against_training_frequencies_and_the_baseline_is_as
 
 
 def test_loss_is_minus_advantage_times_log_probability_of_the_sampled_tokens(tiny):
+    """Summed here; the step divides by the window's sampled tokens (train loop)."""
     _, processor = tiny
     text = CaptionCollator(processor, max_tokens=20).tokenize(["a dog", "a big red dog on a mat"])
     labels = text["labels"]
     logits = torch.randn(2, labels.shape[1], len(processor.tokenizer), requires_grad=True)
     advantage = torch.tensor([2.0, -0.5])
-    loss = policy_gradient_loss(logits, labels, advantage)
+    loss = policy_gradient_loss_sum(logits, labels, advantage)
     log_probs = logits.log_softmax(-1)
     total, tokens, counted = 0.0, 0, []
     for row in range(2):
@@ -68,7 +69,7 @@ def test_loss_is_minus_advantage_times_log_probability_of_the_sampled_tokens(tin
                 total -= advantage[row] * log_probs[row, t, target]
                 tokens += 1
                 counted.append(target)
-    assert loss.item() == pytest.approx(total.item() / tokens, rel=1e-5)
+    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
     # The end token is a sampled token (learning where to stop is half of SCST); padding after it is not.
     sep, pad = processor.tokenizer.sep_token_id, processor.tokenizer.pad_token_id
     assert counted.count(sep) == 2 and pad not in counted
@@ -81,11 +82,6 @@ def test_loss_is_minus_advantage_times_log_probability_of_the_sampled_tokens(tin
         return sum(lp[row, t, labels[row, t + 1]] for t in range(labels.shape[1] - 1) if labels[row, t + 1] >= 0)
     assert sequence_logp(stepped, 0) > sequence_logp(log_probs, 0)
     assert sequence_logp(stepped, 1) < sequence_logp(log_probs, 1)
-
-
-def test_sampling_seeds_differ_by_step_and_process_and_repeat_exactly():
-    assert sampling_seed(42, 0, 3, 0) == sampling_seed(42, 0, 3, 0)
-    assert len({sampling_seed(42, 0, b, r) for b in range(5) for r in range(2)}) == 10
 
 
 def test_config_and_data_errors_are_one_line(tmp_path, capsys):
@@ -131,7 +127,7 @@ def test_scst_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path, mo
     whole = tmp_path / "whole"
     assert main(scst_args(data_dir, whole, *args)) == 0
 
-    real, calls = captune.train.scst_loss, []
+    real, calls = captune.train.scst_backward_window, []
 
     def dies_at_step_3(*a, **k):
         calls.append(1)
@@ -140,9 +136,9 @@ def test_scst_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path, mo
         return real(*a, **k)
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(captune.train, "scst_loss", dies_at_step_3)
+    monkeypatch.setattr(captune.train, "scst_backward_window", dies_at_step_3)
     assert main(scst_args(data_dir, cut, *args)) == 130
-    monkeypatch.setattr(captune.train, "scst_loss", real)
+    monkeypatch.setattr(captune.train, "scst_backward_window", real)
     assert main(scst_args(data_dir, cut, *args, "--resume")) == 0
 
     def weights(run):

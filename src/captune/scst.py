@@ -7,25 +7,25 @@ One step, per batch of training images (Rennie et al. 2017, with the baseline of
        captions, computed once; an end-of-caption word in the n-grams so truncated captions lose);
     3. baseline b: the mean reward of the image's *other* k-1 samples (default), or the greedy caption's reward;
     4. loss = -(r - b) * log p(sample), summed over the sampled caption tokens (its end token included, padding
-       after it not) and averaged over all tokens of the micro-batch, as self-critical.pytorch normalises it.
+       after it not) and averaged over all sampled tokens of the step (self-critical.pytorch's per-token mean).
 The log-probabilities come from a teacher-forced forward through the (DDP-)wrapped model of the batch the family's
 training-batch builder makes from the sampled *texts*, with each image's vision pass shared by its k captions
 (`speed.share_images`), so nothing here knows the model family. Decoding to text and tokenizing again gives the
 canonical tokenization of each sampled caption (the same ids for all but odd word pieces), and the reward is a
 function of the text alone.
 
-Sampling is seeded by (seed, epoch, batch, process) in a forked RNG, so a resumed run draws the same captions as an
-uninterrupted one whatever else consumed random numbers in between.
+Sampling is seeded by (seed, epoch, batch, process) (captune.seeding), so a resumed run draws the same captions as
+an uninterrupted one whatever else consumed random numbers in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -35,6 +35,7 @@ from .data.collate import IGNORE_INDEX, ItemOptions, blank_image, decode_image
 from .data.records import CaptionSample
 from .errors import CaptuneError
 from .generate import GenerationOptions, caption_pixels
+from .seeding import derive_seed, seed_micro_batch
 from .speed import share_images
 
 log = logging.getLogger("captune")
@@ -124,11 +125,6 @@ class ScstCollator:
         return batch
 
 
-def sampling_seed(*parts: int) -> int:
-    """A 63-bit seed from (seed, epoch, batch, process): independent streams per step and process."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 def rewards_and_baseline(setup: ScstSetup, sampled: list[str], greedy: list[str] | None,
                          index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rewards, baselines), each (images, k): CIDEr-D of every sample and what it is compared with."""
@@ -144,9 +140,9 @@ def rewards_and_baseline(setup: ScstSetup, sampled: list[str], greedy: list[str]
     return rewards, baseline
 
 
-def policy_gradient_loss(logits: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
-    """-(r - b) * log p(token), summed over every labelled token (prompt and padding are -100) and divided by their
-    count; `logits[:, t]` predicts `labels[:, t + 1]`.
+def policy_gradient_loss_sum(logits: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
+    """-(r - b) * log p(token), summed over every labelled token (prompt and padding are -100; the end token is
+    labelled); `logits[:, t]` predicts `labels[:, t + 1]`.
 
     Args:
         logits: (rows, positions, vocab) of the teacher-forced sampled captions.
@@ -158,66 +154,103 @@ def policy_gradient_loss(logits: torch.Tensor, labels: torch.Tensor, advantage: 
     # cross_entropy(reduction="none") is -log p(target) without materialising a second (rows, positions, vocab).
     nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                           reduction="none").view_as(targets)
-    return (advantage.to(nll.dtype)[:, None] * nll).sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return (advantage.to(nll.dtype)[:, None] * nll).sum()
 
 
-def scst_loss(setup: ScstSetup, model, batch: dict, *, unwrapped, tokenizer, vision, seed: int) -> torch.Tensor:
-    """Sample, reward, and return the SCST loss of one micro-batch of images (backward is the caller's).
-
-    Args:
-        setup: from `build_scst`.
-        model: the model as prepared (DDP-wrapped under several processes): the loss's forward goes through it.
-        batch: a `ScstCollator` batch on the model's device.
-        unwrapped: the same model unwrapped, for `generate()`.
-        tokenizer: the processor's tokenizer (decoding the samples).
-        vision: the vision tower whose output rows `share_images` repeats for each image's k captions.
-        seed: the sampling seed of this micro-batch (`sampling_seed`).
-    """
-    pixel_values, index = batch["pixel_values"], batch["index"].tolist()
+def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, tokenizer, seed: int, epoch: int,
+                  first_batch: int, process: int) -> list[dict]:
+    """Sample and reward every micro-batch of an accumulation window (no gradients): per micro-batch, the tokenized
+    samples and each sample's advantage. Sampling first lets the step weigh every sampled token of the window
+    equally, as cross-entropy weighs caption tokens (train.backward_window)."""
     k = setup.samples
     was_training = unwrapped.training
     unwrapped.eval()
-    devices = [pixel_values.device.index or 0] if pixel_values.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        sampled = caption_pixels(unwrapped, tokenizer, pixel_values, setup.sampling)
-    greedy = caption_pixels(unwrapped, tokenizer, pixel_values, setup.greedy) if setup.baseline == "greedy" else None
+    prepared = []
+    for position, batch in enumerate(window):
+        index = batch["index"].tolist()
+        # A function of the position alone, so a resumed run samples exactly what the uninterrupted run sampled.
+        torch.manual_seed(derive_seed(seed, epoch, "scst-samples", first_batch + position, process))
+        sampled = caption_pixels(unwrapped, tokenizer, batch["pixel_values"], setup.sampling)
+        greedy = (caption_pixels(unwrapped, tokenizer, batch["pixel_values"], setup.greedy)
+                  if setup.baseline == "greedy" else None)
+        rewards, baseline = rewards_and_baseline(setup, sampled, greedy, index)
+        advantage = (rewards - baseline).reshape(-1)
+        if index == [-1]:
+            advantage.zero_()  # the placeholder image trains nothing
+        else:
+            setup.meter.add(rewards, baseline if greedy is not None else None)
+        text = setup.tokenize(sampled)
+        if index == [-1]:
+            text["labels"].fill_(IGNORE_INDEX)  # and counts no token
+        prepared.append({"text": text, "advantage": advantage, "images": len(index)})
     unwrapped.train(was_training)
+    return prepared
 
-    rewards, baseline = rewards_and_baseline(setup, sampled, greedy, index)
-    advantage = (rewards - baseline).reshape(-1)
-    if index == [-1]:
-        advantage.zero_()  # the placeholder image trains nothing
-    else:
-        setup.meter.add(rewards, baseline if greedy is not None else None)
-    text = {name: value.to(pixel_values.device) for name, value in setup.tokenize(sampled).items()}
-    labels = text.pop("labels")
-    image_index = torch.arange(len(index), device=pixel_values.device).repeat_interleave(k)
-    with share_images(vision, image_index):
-        logits = model(pixel_values=pixel_values, **text).logits
-    return policy_gradient_loss(logits, labels, advantage.to(logits.device))
+
+def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: list[dict], *, tokenizer, seed: int,
+                         epoch: int, first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """SCST's counterpart of `train.backward_window`: sample and reward the window, then forward and backward each
+    micro-batch's samples, gradients synchronised after the last.
+
+    The step's loss is -(r - b) * log p summed over every sampled token of the window on every process and divided
+    by their count (self-critical.pytorch's per-token mean, over the whole window): DDP's average over processes and
+    `accelerator.backward`'s division by grad_accum are undone by the scale, as for cross-entropy.
+
+    Args:
+        model: the prepared (maybe DDP-wrapped) model: the forward goes through it so gradients synchronise.
+        vision: the unwrapped vision tower; each image's output rows are repeated for its k samples.
+        first_batch: the epoch position of the window's first micro-batch (seeds its samples and dropout).
+
+    Returns:
+        (this process's summed loss, detached; sampled tokens of the window on all processes; usable images).
+    """
+    prepared = sample_window(setup, window, unwrapped=accelerator.unwrap_model(model), tokenizer=tokenizer, seed=seed,
+                             epoch=epoch, first_batch=first_batch, process=accelerator.process_index)
+    tokens = torch.stack([(p["text"]["labels"][:, 1:] != IGNORE_INDEX).sum() for p in prepared]).sum()
+    tokens = tokens.to(accelerator.device)
+    if accelerator.num_processes > 1:
+        tokens = accelerator.reduce(tokens, reduction="sum")
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
+    loss_sum, pairs = torch.zeros((), device=accelerator.device), 0
+    for position, (batch, sample) in enumerate(zip(window, prepared)):
+        pairs += batch.pop("pairs")
+        accelerator.sync_gradients = position == len(window) - 1
+        seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
+        pixel_values = batch["pixel_values"]
+        text = {name: value.to(pixel_values.device) for name, value in sample["text"].items()}
+        labels = text.pop("labels")
+        image_index = torch.arange(sample["images"], device=pixel_values.device).repeat_interleave(setup.samples)
+        with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
+              share_images(vision, image_index)):
+            logits = model(pixel_values=pixel_values, **text).logits
+            loss = policy_gradient_loss_sum(logits, labels, sample["advantage"].to(logits.device))
+            accelerator.backward(loss * scale)
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, tokens, pairs
 
 
 class RewardMeter:
     """Mean sampled (and greedy) reward over one optimizer step's micro-batches, agreed across processes."""
 
     def __init__(self):
-        self.sums = [0.0, 0.0, 0.0]  # sampled reward, greedy reward, count of samples
+        self.sums = [0.0, 0.0, 0.0]  # sampled rewards, greedy rewards, samples
+        self.greedy = False
 
     def add(self, rewards: torch.Tensor, greedy: torch.Tensor | None) -> None:
         self.sums[0] += float(rewards.sum())
         self.sums[1] += float(greedy.sum()) if greedy is not None else 0.0
         self.sums[2] += rewards.numel()
+        self.greedy = greedy is not None
 
-    def finish_step(self, accelerator, report: bool, greedy: bool) -> dict:
-        """The step's {reward[, greedy_reward]} when `report` (a collective: call on every process), then reset."""
+    def finish_step(self, accelerator) -> dict:
+        """{reward[, greedy_reward]} of the step (None when no process had a usable image), then reset. A
+        collective: every process calls it once a step."""
         sums, self.sums = self.sums, [0.0, 0.0, 0.0]
-        if not report:
-            return {}
         totals = torch.tensor(sums, dtype=torch.float64, device=accelerator.device)
         if accelerator.num_processes > 1:
-            totals = accelerator.gather(totals.unsqueeze(0)).sum(dim=0)
+            totals = accelerator.reduce(totals, reduction="sum")
         reward, greedy_reward, count = totals.tolist()
-        if not count:
-            return {"reward": None}
-        return {"reward": reward / count, **({"greedy_reward": greedy_reward / count} if greedy else {})}
+        out = {"reward": reward / count if count else None}
+        if self.greedy:
+            out["greedy_reward"] = greedy_reward / count if count else None
+        return out
