@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .config import Config, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
-from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
+from .data.collate import IGNORE_INDEX, CaptionCollator, CaptionPairs, ItemOptions
 from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
 from .metrics import guard_warnings
@@ -36,6 +36,7 @@ from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .runinfo import data_commit, library_versions, loss_floor, peak_memory
 from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
 
@@ -144,6 +145,36 @@ def window_tokens(accelerator, window: list[dict]) -> torch.Tensor:
     return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
 
 
+def batch_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """The training objective on one collated batch, summed over its caption tokens: the forward pass and
+    `caption_loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
+    outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, label_smoothing: float, accelerator) -> float | None:
+    """Teacher-forced loss over every validation (image, caption) pair, per caption token as training's, computed
+    by the training objective itself (label smoothing included); None when there is no caption token.
+
+    Each process takes its shard of `loader`; the sums meet in one all-reduce.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        batch.pop("skipped", None)
+        if not batch.pop("pairs"):
+            continue
+        total += torch.stack([batch_loss_sum(model, batch, label_smoothing).float(),
+                              target_tokens(batch["labels"]).float()])
+    model.train(was_training)
+    loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 \
+        else total.tolist()
+    return loss_sum / tokens if tokens else None
+
+
 def eval_options(cfg: Config) -> GenerationOptions:
     return GenerationOptions(
         num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
@@ -245,6 +276,20 @@ def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
     save_config(cfg, output / "config.yaml")
 
 
+def validation_pairs(cfg: Config, validation: list, processor, collator, accelerator):
+    """Every (image, caption) pair of the validation images, batched as training batches them (no augmentation),
+    sharded across processes: the input of `validation_loss`. None without validation data."""
+    if not validation:
+        return None
+    size = processor.image_processor.size["height"]
+    pairs = CaptionPairs(validation, "all", ItemOptions(
+        max_pixels=cfg.data.max_image_pixels, draft_size=size, normalize_captions=cfg.data.normalize_captions,
+        max_words=cfg.data.max_words))
+    loader = DataLoader(pairs, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collator,
+                        num_workers=cfg.data.num_workers)
+    return accelerator.prepare_data_loader(loader, device_placement=True)
+
+
 def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) -> None:
     for item in items:
         if on_bad_sample == "error":
@@ -271,6 +316,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         CaptuneError: bad data, model or configuration, or a non-finite loss with `train.on_nonfinite: stop`.
     """
     output = Path(cfg.output)
+    started = time.perf_counter()
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
         # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
@@ -311,6 +357,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
     items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
     if streamed:
@@ -346,6 +393,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                 "max_caption_tokens": cfg.data.max_caption_tokens,
                 "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
     final_metrics: dict = {}
+    validation_seconds = 0.0  # kept out of the training throughput
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
                    "validation_captions": sum(len(s.captions) for s in validation)}
@@ -355,15 +403,19 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                           metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step)
 
     def validate(epoch: int, final: bool = False) -> None:
-        nonlocal final_metrics
+        nonlocal final_metrics, validation_seconds
         if not validation or (state["validated_step"] == step and not final):
             return  # an epoch end can coincide with an eval_every_steps step
         state["validated_step"] = step
+        validation_started = time.perf_counter()
         # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
         result = evaluate(
             model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
             num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
         )
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
+        if loss is not None:
+            result.metrics["loss"] = loss
         final_metrics = result.metrics
         score = selection_score(result.metrics, t.best_metric)
         # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
@@ -379,9 +431,12 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             for warning in guard_warnings(result.metrics, images=len(result.predictions)):
                 log.warning("step %d validation: %s", step, warning)
             if improved:
-                save_model(accelerator.unwrap_model(model), processor, output / "best", settings,
+                # The report's gallery shows best/'s captions, not whichever model validated last.
+                write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
+                save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
                            card(result.metrics, step))
         accelerator.wait_for_everyone()
+        validation_seconds += time.perf_counter() - validation_started
 
     def checkpoint_now() -> None:
         save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
@@ -395,13 +450,16 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
                                     batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                                     desc="captioning before training", meteor=False)
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
         if main:
-            metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
+            metrics_log.write(step=0, epoch=0, split="before", **before.metrics,
+                              **({"loss": loss} if loss is not None else {}))
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
             log.info("before training: %s", _format_metrics(before.metrics))
 
     vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
+    pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     with StopRequests() as stop:
@@ -422,6 +480,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                         epoch=epoch, first_batch=state["batch"])
                     state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
+                    pairs_trained += pairs * accelerator.num_processes
                     step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
                     loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
@@ -444,11 +503,11 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    if step % t.log_every_steps == 0 or step == 1:
-                        metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
-                                          samples_per_s=rate)
+                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate)
+                    if step % t.log_every_steps == 0 or step in (1, total_steps):
+                        metrics_log.write(**last_train)
                         accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
-                        seen, tick = 0, time.perf_counter()
+                        seen, tick, last_train = 0, time.perf_counter(), None
                     if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
                         validate(epoch)
                     if step >= total_steps or patience_spent():
@@ -480,6 +539,11 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     if patience_spent():
         log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
                  t.early_stopping_patience)
+    train_seconds = time.perf_counter() - loop_started - validation_seconds
+    if last_train is not None:
+        # The last step is always logged (early stopping can end a run between logging steps): a 15-step run that
+        # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
+        metrics_log.write(**last_train)
     validate(state["epoch"], final=True)
     metrics_log.close()
     skipped = state["skipped"]
@@ -489,11 +553,22 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
         unwrapped = accelerator.unwrap_model(model)
         for name in ("last", "best") if state["best_score"] is None else ("last",):
-            save_model(unwrapped, processor, output / name, settings, card(final_metrics, step))
+            save_model(unwrapped, processor, output / name, {**settings, "step": step}, card(final_metrics, step))
+        vocab = unwrapped.config.get_text_config().vocab_size  # the caption loss's number of classes
+        run_facts = {
+            "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
+            # Pairs this run trained on (a resumed run counts from its checkpoint) over the loop's wall time.
+            "samples_per_s": round(pairs_trained / max(train_seconds, 1e-9), 2),
+            "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+            "processes": accelerator.num_processes, "batch_size": batch_size,
+            "peak_memory": peak_memory(accelerator.device), "versions": library_versions(),
+            "data_git": data_commit(cfg.data.path), "label_smoothing": t.label_smoothing,
+            "loss_floor": round(loss_floor(t.label_smoothing, vocab), 4),
+        }
         write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
                                              "best_score": state["best_score"], "best_metric": t.best_metric,
                                              "final_metrics": final_metrics, "skipped_samples": skipped,
-                                             "data": data_counts})
+                                             "data": data_counts, "run": run_facts})
         write_report(output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -531,9 +606,7 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
         seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
         with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
               share_images(vision, batch.get("image_index"))):
-            outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"])
-            loss = caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+            loss = batch_loss_sum(model, batch, label_smoothing)
             accelerator.backward(loss * scale)
         loss_sum = loss_sum + loss.detach()
     return loss_sum, tokens, pairs
