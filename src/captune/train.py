@@ -36,6 +36,7 @@ from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .scst import ScstCollator, ScstImages, build_scst, scst_backward_window
 from .runinfo import data_commit, library_versions, loss_floor, peak_memory
 from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
@@ -232,13 +233,16 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
     size = processor.image_processor.size["height"]
-    items = training_dataset(
-        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
+    options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
+                          else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
+    if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
+        items = ScstImages(train_data, options)
+    else:
+        items = training_dataset(
+            train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            options=options,
+        )
     workers = cfg.data.num_workers
     # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
     generator = torch.Generator()
@@ -356,7 +360,13 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
-    items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    scst = None
+    if t.objective == "scst":
+        scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
+                          max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
+    train_collator = collator if scst is None else ScstCollator(
+        lambda images: processor.image_processor(images, return_tensors="pt")["pixel_values"], processor)
+    items, loader, sampler = training_loader(cfg, data.train, processor, train_collator, batch_size, accelerator)
     val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
@@ -475,9 +485,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                 for window in accumulation_windows(batches, t.grad_accum):
                     for batch in window:
                         _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    loss_sum, tokens, pairs = backward_window(
-                        accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
-                        epoch=epoch, first_batch=state["batch"])
+                    if scst is None:
+                        loss_sum, tokens, pairs = backward_window(
+                            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
+                    else:
+                        loss_sum, tokens, pairs = scst_backward_window(
+                            scst, accelerator, model, vision, window, tokenizer=processor.tokenizer, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
                     state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
                     pairs_trained += pairs * accelerator.num_processes
@@ -503,10 +518,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate)
+                    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
+                    rewards = scst.meter.finish_step(accelerator) if scst else {}
+                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate,
+                                      **rewards)
                     if step % t.log_every_steps == 0 or step in (1, total_steps):
                         metrics_log.write(**last_train)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
                         seen, tick, last_train = 0, time.perf_counter(), None
                     if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
                         validate(epoch)
