@@ -197,10 +197,13 @@ class EvalConfig:
 
     num_beams: int = 3
     """Beam width (1 = greedy). The BLIP paper used 3."""
-    max_new_tokens: int = 20
-    """Longest caption, in tokens after the prompt (20 as the BLIP paper)."""
-    min_new_tokens: int = 5
-    """Shortest caption, in tokens after the prompt (5 as the BLIP paper; use 0 for short captions)."""
+    max_new_tokens: int = 16
+    """Longest caption, in tokens after the prompt ([SEP] included). 16 = BLIP's captioning decode: its max_length 20
+    counts [DEC] and its prompt "a picture of" (4 positions). captune counts new tokens only, so a prompt never
+    shortens the caption."""
+    min_new_tokens: int = 1
+    """Shortest caption, in tokens after the prompt. 1 = BLIP's min_length 5 less its 4 prompt positions (0 allows
+    an empty caption)."""
     repetition_penalty: float = 1.0
     """>1 discourages tokens already in the caption (1 = off); recorded in captune.json with the other options, so
     the saved model decodes as it was validated."""
