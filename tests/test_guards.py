@@ -38,14 +38,14 @@ def args(data: Path, output: Path, *extra: str) -> list[str]:
 
 
 def nan_at_call(monkeypatch, bad_call: int) -> None:
-    real, calls = captune.train.caption_loss, []
+    real, calls = captune.train.caption_loss_sum, []
 
     def loss(logits, labels, smoothing):
         calls.append(1)
         value = real(logits, labels, smoothing)
         return value * float("nan") if len(calls) == bad_call else value
 
-    monkeypatch.setattr(captune.train, "caption_loss", loss)
+    monkeypatch.setattr(captune.train, "caption_loss_sum", loss)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_only, tmp_path, monkeypatch,

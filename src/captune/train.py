@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -26,7 +28,7 @@ from .checkpoint import (
 )
 from .config import Config, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
-from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
+from .data.collate import IGNORE_INDEX, CaptionCollator, CaptionPairs, ItemOptions
 from .errors import CaptuneError
 from .evaluate import evaluate, write_json, write_jsonl
 from .metrics import guard_warnings
@@ -35,9 +37,13 @@ from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .scst import ScstCollator, ScstImages, build_scst, scst_backward_window
+from .runinfo import data_commit, library_versions, loss_floor, peak_memory
+from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
 
-__all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
+__all__ = ["TrainResult", "accumulation_windows", "caption_loss", "caption_loss_sum", "eval_options", "save_model",
+           "selection_score", "train", "window_tokens"]
 
 log = logging.getLogger("captune")
 
@@ -97,20 +103,78 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Next-token cross entropy averaged over caption tokens; -100 labels (pads, prompt) are ignored.
+def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Next-token cross entropy summed over caption tokens; -100 labels (pads, prompt) are ignored.
 
     Computed here rather than by the model so label smoothing is a training option, not a property of the saved
     config (transformers' BLIP reads it from `text_config.label_smoothing`, default 0).
     """
     shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    total = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+    return F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing, reduction="sum",
     )
-    # The mean over caption tokens, and 0 (not 0/0) for a placeholder batch with none: no host sync either way.
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Caption tokens the loss is taken over (labels shifted by one, -100 left out)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """`caption_loss_sum` averaged over the batch's caption tokens."""
+    # 0 (not 0/0) for a placeholder batch with no token: no host sync either way.
+    return caption_loss_sum(logits, labels, label_smoothing) / target_tokens(labels).clamp(min=1)
+
+
+def accumulation_windows(batches, size: int):
+    """Consecutive lists of `size` batches (the last of an epoch may be shorter): one optimizer step each.
+
+    A resumed epoch starts on a window boundary (checkpoints are taken after optimizer steps), so windows line up
+    with the uninterrupted run's. Holding a window's batches at once costs `size - 1` batches of memory.
+    """
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def window_tokens(accelerator, window: list[dict]) -> torch.Tensor:
+    """Caption tokens of the whole accumulation window, summed over its micro-batches and every process.
+
+    The loss of an optimizer step is the mean over these tokens (see `train`); one all-reduce a window.
+    """
+    local = torch.stack([target_tokens(batch["labels"]) for batch in window]).sum().to(accelerator.device)
+    return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+
+
+def batch_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """The training objective on one collated batch, summed over its caption tokens: the forward pass and
+    `caption_loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
+    outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, label_smoothing: float, accelerator) -> float | None:
+    """Teacher-forced loss over every validation (image, caption) pair, per caption token as training's, computed
+    by the training objective itself (label smoothing included); None when there is no caption token.
+
+    Each process takes its shard of `loader`; the sums meet in one all-reduce.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        batch.pop("skipped", None)
+        if not batch.pop("pairs"):
+            continue
+        total += torch.stack([batch_loss_sum(model, batch, label_smoothing).float(),
+                              target_tokens(batch["labels"]).float()])
+    model.train(was_training)
+    loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 \
+        else total.tolist()
+    return loss_sum / tokens if tokens else None
 
 
 def eval_options(cfg: Config) -> GenerationOptions:
@@ -170,24 +234,29 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
     size = processor.image_processor.size["height"]
-    items = training_dataset(
-        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
+    options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
+                          else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
+    if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
+        items = ScstImages(train_data, options, seed=cfg.train.seed)
+    else:
+        items = training_dataset(
+            train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            options=options,
+        )
     workers = cfg.data.num_workers
+    # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
+    generator = torch.Generator()
     if isinstance(items, IterableDataset):
         # Not persistent: a stream's workers must be re-created each epoch to see its new epoch number (seeding).
         loader = DataLoader(items, batch_size=batch_size, collate_fn=collator, num_workers=workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=generator)
         return items, prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
                                           put_on_device=True, dispatch_batches=False), None
     # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
     sampler = EpochSampler(len(items), cfg.train.seed, groups=items.groups())
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), generator=generator)
     return items, loader, sampler
 
 
@@ -228,6 +297,20 @@ def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
     save_config(cfg, output / "config.yaml")
 
 
+def validation_pairs(cfg: Config, validation: list, processor, collator, accelerator):
+    """Every (image, caption) pair of the validation images, batched as training batches them (no augmentation),
+    sharded across processes: the input of `validation_loss`. None without validation data."""
+    if not validation:
+        return None
+    size = processor.image_processor.size["height"]
+    pairs = CaptionPairs(validation, "all", ItemOptions(
+        max_pixels=cfg.data.max_image_pixels, draft_size=size, normalize_captions=cfg.data.normalize_captions,
+        max_words=cfg.data.max_words))
+    loader = DataLoader(pairs, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collator,
+                        num_workers=cfg.data.num_workers)
+    return accelerator.prepare_data_loader(loader, device_placement=True)
+
+
 def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) -> None:
     for item in items:
         if on_bad_sample == "error":
@@ -257,6 +340,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
     """
     output = Path(cfg.output)
     _check_run_directory(output, resume, overwrite)
+    started = time.perf_counter()
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
         # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
@@ -296,7 +380,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
-    items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    scst = None
+    if t.objective == "scst":
+        scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
+                          max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
+    train_collator = collator if scst is None else ScstCollator(
+        lambda images: processor.image_processor(images, return_tensors="pt")["pixel_values"], processor)
+    items, loader, sampler = training_loader(cfg, data.train, processor, train_collator, batch_size, accelerator)
+    val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
     if streamed:
@@ -335,6 +426,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                 "max_caption_tokens": cfg.data.max_caption_tokens,
                 "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
     final_metrics: dict = {}
+    validation_seconds = 0.0  # kept out of the training throughput
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
                    "validation_captions": sum(len(s.captions) for s in validation)}
@@ -344,15 +436,19 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                           metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step)
 
     def validate(epoch: int, final: bool = False) -> None:
-        nonlocal final_metrics
+        nonlocal final_metrics, validation_seconds
         if not validation or (state["validated_step"] == step and not final):
             return  # an epoch end can coincide with an eval_every_steps step
         state["validated_step"] = step
+        validation_started = time.perf_counter()
         # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
         result = evaluate(
             model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
             num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
         )
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
+        if loss is not None:
+            result.metrics["loss"] = loss
         final_metrics = result.metrics
         score = selection_score(result.metrics, t.best_metric)
         # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
@@ -368,10 +464,13 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
             for warning in guard_warnings(result.metrics, images=len(result.predictions)):
                 log.warning("step %d validation: %s", step, warning)
             if improved:
+                # The report's gallery shows best/'s captions, not whichever model validated last.
+                write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
                 keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
                 save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
                            card(result.metrics, step))
         accelerator.wait_for_everyone()
+        validation_seconds += time.perf_counter() - validation_started
 
     def checkpoint_now() -> None:
         save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
@@ -386,14 +485,16 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
                                     batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                                     desc="captioning before training", meteor=False)
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
         if main:
-            metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
+            metrics_log.write(step=0, epoch=0, split="before", **before.metrics,
+                              **({"loss": loss} if loss is not None else {}))
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
             log.info("before training: %s", _format_metrics(before.metrics))
 
     vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
-    loss_sum, micro = torch.zeros((), device=accelerator.device), 0
+    pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     with StopRequests() as stop:
@@ -404,27 +505,25 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                     items.set_epoch(epoch)
                 else:
                     sampler.set_order(epoch)
+                seed_loader(loader.generator, t.seed, epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
-                for batch in batches:
-                    state["batch"] += 1
-                    _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
-                    # process must take part in each step's collectives.
-                    pairs = batch.pop("pairs")
-                    with accelerator.accumulate(model), share_images(vision, batch.get("image_index")):
-                        outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
-                        loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
-                        accelerator.backward(loss)
-                    if pairs:
-                        loss_sum, micro = loss_sum + loss.detach(), micro + 1
+                for window in accumulation_windows(batches, t.grad_accum):
+                    for batch in window:
+                        _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
+                    if scst is None:
+                        loss_sum, tokens, pairs = backward_window(
+                            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
+                    else:
+                        loss_sum, tokens, pairs = scst_backward_window(
+                            scst, accelerator, model, vision, window, tokenizer=processor.tokenizer, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
+                    state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
+                    pairs_trained += pairs * accelerator.num_processes
                     step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
-                    loss_value, bad, signalled = _agree(accelerator, loss_sum, micro, stop.requested is not None)
-                    loss_sum, micro = torch.zeros_like(loss_sum), 0
+                    loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
                     if bad and t.on_nonfinite == "stop":
                         last_good = latest_checkpoint(output)
                         raise CaptuneError(
@@ -444,11 +543,15 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    if step % t.log_every_steps == 0 or step == 1:
-                        metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
-                                          samples_per_s=rate)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
-                        seen, tick = 0, time.perf_counter()
+                    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
+                    rewards = scst.meter.finish_step(accelerator) if scst else {}
+                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate,
+                                      **rewards)
+                    if step % t.log_every_steps == 0 or step in (1, total_steps):
+                        metrics_log.write(**last_train)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
+                        seen, tick, last_train = 0, time.perf_counter(), None
                     if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
                         validate(epoch)
                     if step >= total_steps or patience_spent():
@@ -480,6 +583,11 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
     if patience_spent():
         log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
                  t.early_stopping_patience)
+    train_seconds = time.perf_counter() - loop_started - validation_seconds
+    if last_train is not None:
+        # The last step is always logged (early stopping can end a run between logging steps): a 15-step run that
+        # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
+        metrics_log.write(**last_train)
     validate(state["epoch"], final=True)
     metrics_log.close()
     skipped = state["skipped"]
@@ -490,10 +598,21 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         unwrapped = accelerator.unwrap_model(model)
         for name in ("last", "best") if state["best_score"] is None else ("last",):
             save_model(unwrapped, processor, output / name, {**settings, "step": step}, card(final_metrics, step))
+        vocab = unwrapped.config.get_text_config().vocab_size  # the caption loss's number of classes
+        run_facts = {
+            "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
+            # Pairs this run trained on (a resumed run counts from its checkpoint) over the loop's wall time.
+            "samples_per_s": round(pairs_trained / max(train_seconds, 1e-9), 2),
+            "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+            "processes": accelerator.num_processes, "batch_size": batch_size,
+            "peak_memory": peak_memory(accelerator.device), "versions": library_versions(),
+            "data_git": data_commit(cfg.data.path), "label_smoothing": t.label_smoothing,
+            "loss_floor": round(loss_floor(t.label_smoothing, vocab), 4),
+        }
         write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
                                              "best_score": state["best_score"], "best_metric": t.best_metric,
                                              "final_metrics": final_metrics, "skipped_samples": skipped,
-                                             "data": data_counts})
+                                             "data": data_counts, "run": run_facts})
         write_report(output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -518,15 +637,52 @@ def _restore_newest_intact(accelerator, output: Path) -> tuple[Path, dict]:
                        "rerun without --resume (and with --overwrite) to start over")
 
 
-def _agree(accelerator, loss_sum: torch.Tensor, micro: int, stop: bool) -> tuple[float | None, bool, bool]:
-    """(mean loss over the step's real micro-batches on every process, or None when there were none; any loss
-    non-finite; any process asked to stop): one device sync a step."""
-    local = torch.stack([loss_sum.float(), torch.tensor(float(micro), device=loss_sum.device),
-                         (~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop), device=loss_sum.device)])
+def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,
+                    first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over one accumulation window, gradients synchronised after its last micro-batch.
+
+    The step's loss is the mean over every caption token of the window on every process (the fix transformers'
+    Trainer made in 2024 for gradient accumulation): each micro-batch's token losses are summed and divided by the
+    window's total, so a short last window is not scaled down, a placeholder batch (no usable pair, see
+    CaptionCollator: it still runs, as every process must take part in each step's collectives) weighs nothing, and
+    a long caption weighs what it would in one big batch. DDP averages gradients over processes and
+    `accelerator.backward` divides by grad_accum (always, even for a short window): the scale below undoes both.
+
+    Args:
+        vision: the unwrapped vision tower (grouped batches repeat its output rows, see speed.share_images).
+        first_batch: the epoch position of the window's first micro-batch (seeds its dropout).
+
+    Returns:
+        (this process's summed token loss, detached; the window's caption tokens on all processes; usable pairs).
+    """
+    tokens = window_tokens(accelerator, window)
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
+    loss_sum, pairs = torch.zeros((), device=accelerator.device), 0
+    for position, batch in enumerate(window):
+        pairs += batch.pop("pairs")
+        # The window is known up front, so the sync point is set here rather than by `accelerator.accumulate`, whose
+        # end-of-loader detection fires as soon as the epoch's last batch is fetched, i.e. early in a prefetched
+        # window. The prepared optimizer steps only when this is True.
+        accelerator.sync_gradients = position == len(window) - 1
+        seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
+        with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
+              share_images(vision, batch.get("image_index"))):
+            loss = batch_loss_sum(model, batch, label_smoothing)
+            accelerator.backward(loss * scale)
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, tokens, pairs
+
+
+def _agree(accelerator, loss_sum: torch.Tensor, tokens: torch.Tensor, stop: bool) -> tuple[float | None, bool, bool]:
+    """(the step's loss: summed token losses over the window's `tokens` on all processes, or None when there were
+    none; any loss non-finite; any process asked to stop): one device sync a step."""
+    local = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop), device=loss_sum.device)])
     if accelerator.num_processes > 1:
         every = accelerator.gather(local.unsqueeze(0))
-        local = torch.stack([every[:, 0].sum(), every[:, 1].sum(), every[:, 2].max(), every[:, 3].max()])
-    total, count, bad, signalled = local.tolist()
+        local = torch.stack([every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()])
+    total, bad, signalled = local.tolist()
+    count = int(tokens.item())
     return (total / count if count else None), bad > 0, signalled > 0
 
 
