@@ -19,6 +19,7 @@ from serve_fixtures import tiny_model_dir  # noqa: F401  (fixture)
 
 SIDE = 6300  # 39.7M pixels: under the default 40M-pixel limit
 PEAK_BOUND_MB = 600
+READ_TIMEOUT = 4
 
 MEASURE = r"""
 import io, json, resource, sys
@@ -73,7 +74,7 @@ def test_slow_clients_are_timed_out_and_capped_and_health_still_answers(tiny_mod
         resource.setrlimit(resource.RLIMIT_NOFILE, (160, 160))
 
     server = subprocess.Popen([sys.executable, "-m", "captune", "serve", "--model", str(tiny_model_dir), "--port",
-                               str(port), "--device", "cpu", "--read-timeout", "1", "--max-connections", "64"],
+                               str(port), "--device", "cpu", "--read-timeout", str(READ_TIMEOUT), "--max-connections", "64"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               preexec_fn=few_descriptors)
     url = f"http://127.0.0.1:{port}"
@@ -89,14 +90,16 @@ def test_slow_clients_are_timed_out_and_capped_and_health_still_answers(tiny_mod
                 assert time.monotonic() < deadline, "captune serve did not start within 120 s"
                 time.sleep(0.2)
 
+        opened = time.monotonic()
         for _ in range(200):  # bounded: 200 connections, loopback only
             client = socket.create_connection(("127.0.0.1", port), timeout=5)
             client.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
             slow.append(client)
+        opening = time.monotonic() - opened
 
-        # /health answers within a few read timeouts (bounded: 10 s).
+        # /health answers once the stalled connections time out (bounded: 20 s).
         answered = None
-        stop = time.monotonic() + 10
+        stop = time.monotonic() + 20
         while time.monotonic() < stop and answered is None:
             try:
                 reply = httpx.get(f"{url}/health", timeout=1)
@@ -105,7 +108,7 @@ def test_slow_clients_are_timed_out_and_capped_and_health_still_answers(tiny_mod
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        assert answered is not None, "/health did not answer within 10 s"
+        assert answered is not None, "/health did not answer within 20 s"
 
         # Every slow connection was answered (503 past the cap, 408 after the header deadline) and closed.
         statuses = []
@@ -119,7 +122,9 @@ def test_slow_clients_are_timed_out_and_capped_and_health_still_answers(tiny_mod
                 pass
             statuses.append(data.split(b" ", 2)[1] if data.startswith(b"HTTP/1.1 ") else data[:20])
         assert set(statuses) <= {b"408", b"503"}, set(statuses)
-        assert statuses.count(b"408") >= 1 and statuses.count(b"503") >= 1
+        assert statuses.count(b"408") >= 1
+        if opening < READ_TIMEOUT - 1:  # all 200 were open together (not so on a heavily loaded machine)
+            assert statuses.count(b"503") >= 1
     finally:
         for client in slow:
             client.close()

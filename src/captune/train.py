@@ -339,7 +339,6 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         CaptuneError: bad data, model or configuration, or a non-finite loss with `train.on_nonfinite: stop`.
     """
     output = Path(cfg.output)
-    _check_run_directory(output, resume, overwrite)
     started = time.perf_counter()
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
@@ -350,6 +349,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
     )
     main = accelerator.is_main_process
+    _check_run_directory(output, resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes into the directory
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(output) if resume else None
     if resume and checkpoint is None:
