@@ -35,7 +35,7 @@ from .data.collate import IGNORE_INDEX, ItemOptions, blank_image, decode_image
 from .data.records import CaptionSample
 from .errors import CaptuneError
 from .generate import GenerationOptions, caption_pixels
-from .seeding import derive_seed, seed_micro_batch
+from .seeding import derive_seed, item_rng, seed_micro_batch
 from .speed import share_images
 
 log = logging.getLogger("captune")
@@ -90,9 +90,10 @@ def build_scst(train: list[CaptionSample], *, samples: int, baseline: str, promp
 class ScstImages(Dataset):
     """SCST's training items: each image once per epoch, with its position (which picks its references)."""
 
-    def __init__(self, samples: list[CaptionSample], options: ItemOptions):
+    def __init__(self, samples: list[CaptionSample], options: ItemOptions, seed: int = 0):
         self.samples = samples
         self.options = options
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,8 +101,10 @@ class ScstImages(Dataset):
     def groups(self) -> None:
         return None  # one item per image: nothing for the sampler to keep together
 
-    def __getitem__(self, index: int) -> dict:
-        image = decode_image(self.samples[index], self.options)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # EpochSampler hands (epoch, index): a crop is a function of those alone, whichever worker draws it.
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image = decode_image(self.samples[index], self.options, item_rng(self.seed, epoch, "scst-crop", index))
         return image if isinstance(image, dict) else {"image": image, "index": index}
 
 

@@ -236,7 +236,7 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
                           else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
     if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
-        items = ScstImages(train_data, options)
+        items = ScstImages(train_data, options, seed=cfg.train.seed)
     else:
         items = training_dataset(
             train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
