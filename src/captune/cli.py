@@ -85,7 +85,8 @@ TRAIN_FLAGS = {
     "caption_sampling": ("data", "caption_sampling"), "mode": ("train", "mode"),
     "save_every": ("train", "save_every_steps"), "keep_last": ("train", "keep_last"),
     "keep_checkpoints": ("train", "keep_checkpoints"), "report_to": ("train", "report_to"),
-    "compile": ("train", "compile"), "repetition_penalty": ("eval", "repetition_penalty"),
+    "compile": ("train", "compile"), "objective": ("train", "objective"), "scst_samples": ("train", "scst_samples"),
+    "scst_baseline": ("train", "scst_baseline"), "repetition_penalty": ("eval", "repetition_penalty"),
     "no_repeat_ngram_size": ("eval", "no_repeat_ngram_size"), "length_penalty": ("eval", "length_penalty"),
 }
 """`captune train` flag (argparse dest) -> the config key it sets; `--help` shows each key's default from here."""
@@ -178,8 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after training, upload best/ (model card included) to this Hugging Face Hub repo "
                        "(owner/name); checked before training starts")
     train.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output that already holds a run (its checkpoints, best/ and last/ "
+                       "are replaced); without it, or --resume, such a directory is refused")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
+    train.add_argument("--objective", choices=["ce", "scst"],
+                       help="ce: cross-entropy on the references (default); scst: self-critical sequence training, "
+                       "a second stage from a cross-entropy model (--model RUN/best) that optimises CIDEr-D")
+    train.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    train.add_argument("--scst-baseline", choices=["mean", "greedy"],
+                       help="SCST: reward baseline, the mean of the image's other samples (default) or the greedy "
+                       "caption's")
     _guard_flags(train.add_argument_group("validation decoding (recorded in captune.json)"), "")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
@@ -245,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send its headers, and each piece of its body (default 10)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections; past it new ones get 503 at once (default 256)")
     _guard_flags(serve.add_argument_group("generation defaults"), "the model dir's captune.json, else ")
 
     report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
@@ -256,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exports RUN/best (or a model/adapter directory) as a directory that "
                                  "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
     export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
-    export.add_argument("--output", required=True, help="directory to write")
+    export.add_argument("--output", required=True, help="directory to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export (a model directory) at --output")
     export.add_argument("--push-to-hub", metavar="REPO", help="then upload it to this Hugging Face Hub repo (owner/name)")
     export.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
 
@@ -396,7 +412,7 @@ def cmd_train(args) -> int:
         check_hub(args.push_to_hub)  # offline or logged out: one line now, not after hours of training
     if args.dry_run:
         return dry_run(cfg)
-    result = train(cfg, resume=run is not None)
+    result = train(cfg, resume=run is not None, overwrite=args.overwrite)
     if result.interrupted:
         # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
         return 0
@@ -498,7 +514,10 @@ def cmd_eval(args) -> int:
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
+        strict=False, require_train=False,  # bad rows are skipped as training skips them, and named
     )
+    for problem in data.problems:
+        log.warning("skipped %s", problem)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     samples = (data.validation or data.train) if args.split == "auto" else splits[args.split]
     if not samples:
@@ -591,7 +610,8 @@ def cmd_serve(args) -> int:
     try:
         limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                              max_images=args.max_images, max_batch_size=args.max_batch_size,
-                             batch_wait_s=args.batch_wait_ms / 1000)
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout_s=args.read_timeout,
+                             max_connections=args.max_connections)
     except ValueError as exc:
         raise CaptuneError(f"serve limits: {exc}") from exc
     defaults = {name: getattr(args, name) for name in ("repetition_penalty", "no_repeat_ngram_size", "length_penalty")
@@ -610,7 +630,7 @@ def cmd_export(args) -> int:
         from .hub import check_hub
 
         check_hub(args.push_to_hub)
-    output = export_merged(args.run, args.output)
+    output = export_merged(args.run, args.output, overwrite=args.overwrite)
     source = Path(args.run) / "best" if (Path(args.run) / "best").is_dir() else Path(args.run)
     if (source / "README.md").is_file() and not (output / "README.md").exists():
         shutil.copy(source / "README.md", output / "README.md")  # the model card goes along

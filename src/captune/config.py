@@ -6,6 +6,7 @@ YAML holds values only; nothing in it names code to import.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,6 +152,16 @@ class TrainConfig:
     minute or more up front; measured no faster on the 2-core CPU (benchmarks/RESULTS.md), unmeasured on GPUs."""
     fused_adamw: bool = True
     """AdamW's fused kernel (one kernel per step over all parameters; CUDA and CPU)."""
+    objective: Literal["ce", "scst"] = "ce"
+    """`ce`: cross-entropy on the reference captions. `scst`: self-critical sequence training (Rennie et al. 2017), a
+    second stage from a cross-entropy fine-tuned model (--model RUN/best): sampled captions rewarded by their CIDEr-D
+    against the image's references (document frequencies from the training captions), see captune/scst.py.
+    batch_size then counts images, each sampled scst_samples times."""
+    scst_samples: int = 5
+    """SCST: captions sampled per image (k)."""
+    scst_baseline: Literal["mean", "greedy"] = "mean"
+    """SCST: what a sample's reward is compared with: the mean reward of the image's other samples (Luo 2020, no
+    extra decoding) or the reward of the greedy caption (Rennie et al. 2017, one more decoding per image)."""
 
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:
@@ -160,8 +171,8 @@ class TrainConfig:
         for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last", "eval_every_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or not math.isfinite(self.lr):  # `nan <= 0` is False: say what is wanted instead
+            raise ValueError(f"train.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.label_smoothing < 1:
@@ -174,6 +185,12 @@ class TrainConfig:
             raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError("train.lora_targets must name at least one module (e.g. query,value)")
+        if self.objective == "scst":
+            if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
+                raise ValueError(f"train.scst_samples must be >= 2 with scst_baseline mean (the baseline is the mean "
+                                 f"of an image's other samples), got {self.scst_samples}")
+            if self.batch_size == "auto":
+                raise ValueError("train.batch_size auto probes cross-entropy batches; give SCST a number of images")
         trackers = {t.strip() for t in self.report_to.split(",")}
         if not trackers <= {"auto", "none", "tensorboard", "wandb", "mlflow"}:
             raise ValueError(f"train.report_to must be auto, none, or a comma list of tensorboard, wandb, mlflow; "
@@ -186,10 +203,13 @@ class EvalConfig:
 
     num_beams: int = 3
     """Beam width (1 = greedy). The BLIP paper used 3."""
-    max_new_tokens: int = 20
-    """Longest caption, in tokens after the prompt (20 as the BLIP paper)."""
-    min_new_tokens: int = 5
-    """Shortest caption, in tokens after the prompt (5 as the BLIP paper; use 0 for short captions)."""
+    max_new_tokens: int = 16
+    """Longest caption, in tokens after the prompt ([SEP] included). 16 = BLIP's captioning decode: its max_length 20
+    counts [DEC] and its prompt "a picture of" (4 positions). captune counts new tokens only, so a prompt never
+    shortens the caption."""
+    min_new_tokens: int = 1
+    """Shortest caption, in tokens after the prompt. 1 = BLIP's min_length 5 less its 4 prompt positions (0 allows
+    an empty caption)."""
     repetition_penalty: float = 1.0
     """>1 discourages tokens already in the caption (1 = off); recorded in captune.json with the other options, so
     the saved model decodes as it was validated."""
@@ -246,6 +266,11 @@ def from_dict(values: dict, cls=Config, where: str = ""):
             raise CaptuneError(f"unknown config key '{dotted}' (known: {', '.join(sorted(known))})")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
+            if value is not None and not isinstance(value, dict):
+                # `--set train=0` would otherwise reset the whole section to its defaults without a word.
+                first = dataclasses.fields(kind)[0].name
+                raise CaptuneError(f"{dotted} is a section, not a value (got {value!r}): set one of its keys, e.g. "
+                                   f"--set {dotted}.{first}=...")
             kwargs[key] = from_dict(value or {}, kind, dotted)
         else:
             kwargs[key] = _coerce(value, kind, dotted)
@@ -276,6 +301,8 @@ def _coerce(value, kind, dotted: str):
             return value
         raise CaptuneError(f"{dotted} must be true or false, got {value!r}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise CaptuneError(f"{dotted} must be a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -328,7 +355,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise CaptuneError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise CaptuneError(f"{where}: not valid YAML ({what}): check the indentation and quoting there") from exc
         if not isinstance(values, dict):
             raise CaptuneError(f"config file {path} must hold a mapping of sections (data, model, train, eval)")
     if isinstance(overrides, dict):

@@ -126,7 +126,7 @@ def _load(name: str, seed: int) -> tuple[BlipForConditionalGeneration, BlipProce
                 f"model directory {path} has no config.json: pass a directory written by save_pretrained "
                 "(e.g. RUN/best), a hub id, or --model tiny"
             )
-        return _from_pretrained(str(path), local_files_only=True)
+        return _from_pickled_or_safe(path)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise CaptuneError(f"model directory {name} does not exist: check the path, or pass a hub id or --model tiny")
     try:  # the cache first: no network round trips when the model was downloaded before
@@ -139,6 +139,31 @@ def _load(name: str, seed: int) -> tuple[BlipForConditionalGeneration, BlipProce
             "(no network, or HF_HUB_OFFLINE set); pass a local directory written by save_pretrained, or --model tiny"
         )
     return _from_pretrained(name, local_files_only=False)
+
+
+def _from_pickled_or_safe(path: Path):
+    """A local model directory; pickled weights (pytorch_model.bin) are named in a warning, and refused clearly
+    when they hold anything but tensors.
+
+    transformers prefers model.safetensors when both are present, and reads .bin files with torch's weights-only
+    unpickler, so no code runs either way; what this adds is saying so, instead of loading silently or failing
+    with a page of torch.load advice.
+    """
+    import pickle
+
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled and not any(path.glob("model*.safetensors")):
+        log.warning("%s holds pickled weights (%s), not safetensors: loading them with PyTorch's weights-only "
+                    "unpickler; `captune export %s --output DIR` writes a safetensors copy", path,
+                    ", ".join(pickled), path)
+    try:
+        return _from_pretrained(str(path), local_files_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CaptuneError(
+            f"{path}: {', '.join(pickled) or 'the weights file'} holds Python objects besides tensors, which captune "
+            "refuses to unpickle (that can run arbitrary code); use a model directory with model.safetensors, or "
+            "convert this one on a machine where you trust its origin"
+        ) from exc
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

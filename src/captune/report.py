@@ -2,12 +2,13 @@
 
 Inputs, all optional except that the directory exists (a section whose file is missing is left out):
     config.yaml                       the resolved configuration
-    metrics.jsonl                     split=train: loss, lr per step; split=validation: metrics; split=before
+    metrics.jsonl                     split=train: loss, lr (SCST: reward, greedy_reward) per step;
+                                      split=validation: metrics; split=before
     summary.json                      steps, best step and score, data counts, skipped_samples, run facts
     val_predictions_before.jsonl      validation captions of the model before the first step
     val_predictions_best.jsonl        validation captions of best/ (the validation that chose it), per-image cider
     val_predictions.jsonl             validation captions of the last validation (used when _best is absent)
-Outputs: report.html and plots/{loss,lr,validation}.png (the same PNGs the page inlines).
+Outputs: report.html and plots/{loss,lr,validation}.png, reward.png for SCST runs (the same PNGs the page inlines).
 
 Every caption and score on the page names the model it comes from: the base model (before fine-tuning), best/ or
 last/, with its optimizer step.
@@ -136,6 +137,11 @@ def make_plots(records: list[dict], folder: Path, loss_floor: float | None = Non
     if train:
         plots["learning rate"] = _plot(folder / "lr.png", [
             ("learning rate", "learning rate", {"lr": ([r["step"] for r in train], [r.get("lr") for r in train])}, {})])
+        rewards = {k: ([r["step"] for r in train], [r.get(k) for r in train]) for k in ("reward", "greedy_reward")
+                   if any(_number(r.get(k)) for r in train)}
+        if rewards:  # an SCST run: the mean CIDEr-D of the sampled (and greedy) training captions
+            plots["SCST reward"] = _plot(folder / "reward.png", [
+                ("SCST reward (training CIDEr-D)", "CIDEr-D", rewards, {})])
     if checks:
         scores = {k: (check_steps, [r.get(k) for r in checks]) for k in PLOTTED_METRICS
                   if any(_number(r.get(k)) for r in checks)}

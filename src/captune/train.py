@@ -25,8 +25,9 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .checkpoint import (
     CHECKPOINTS,
-    EpochSampler, StopRequests, clear_run_state, latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
-    save_checkpoint, save_model, truncate_lines,
+    EpochSampler, StopRequests, checkpoint_dirs, clear_run_state, existing_run, keep_best_for_resume,
+    latest_checkpoint, load_checkpoint, remove_partial_checkpoints, restore_best, save_checkpoint, save_model,
+    truncate_lines,
 )
 from .config import Config, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
@@ -39,6 +40,7 @@ from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .report import write_report
+from .scst import ScstCollator, ScstImages, build_scst, scst_backward_window
 from .runinfo import data_commit, library_versions, loss_floor, peak_memory
 from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
@@ -237,13 +239,16 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
     size = processor.image_processor.size["height"]
-    items = training_dataset(
-        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
+    options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
+                          else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
+    if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
+        items = ScstImages(train_data, options, seed=cfg.train.seed)
+    else:
+        items = training_dataset(
+            train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            options=options,
+        )
     workers = cfg.data.num_workers
     # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
     generator = torch.Generator()
@@ -273,8 +278,24 @@ def trainable_model(cfg: Config, model=None, processor=None):
     return model, processor
 
 
+def _check_run_directory(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --output that cannot hold a run, or that holds another run (unless resuming or overwriting)."""
+    if output.exists() and not output.is_dir():
+        raise CaptuneError(f"--output {output} is a file: pass a directory for the run (it is created)")
+    parent = next((p for p in [output, *output.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CaptuneError(f"--output {output}: {parent} is not writable: choose a directory you can write to")
+    found = existing_run(output)
+    if found and not (resume or overwrite):
+        raise CaptuneError(f"--output {output} already holds a run ({', '.join(found)}): pass --resume to continue "
+                           "it, --overwrite to replace it, or choose another --output")
+
+
 def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CaptuneError(f"--output {output}: cannot create the run directory ({exc.strerror})") from exc
     if fresh:
         clear_run_state(output)
     remove_partial_checkpoints(output)
@@ -333,14 +354,16 @@ def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) ->
         skipped.append(item)
 
 
-def train(cfg: Config, *, model=None, processor=None, resume: bool = False, before=None) -> TrainResult:
+def train(cfg: Config, *, model=None, processor=None, resume: bool = False, overwrite: bool = False,
+          before=None) -> TrainResult:
     """Fine-tune a BLIP captioner as `cfg` says and write the run directory.
 
     Args:
         cfg: the resolved configuration.
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
-        resume: continue from the newest complete checkpoint in RUN/checkpoints/ (from scratch when none).
+        resume: continue from the newest intact checkpoint in RUN/checkpoints/ (from scratch when none).
+        overwrite: start afresh in an output directory that already holds a run (refused otherwise).
         before: the untrained model's `EvalResult` on the validation images, when the caller already has it (the
             demo): the report's "before" captions are then not decoded a second time.
 
@@ -361,6 +384,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
     )
     main = accelerator.is_main_process
+    _check_run_directory(output, resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes into the directory
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(output) if resume else None
     if resume and checkpoint is None:
@@ -391,7 +416,13 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
-    items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    scst = None
+    if t.objective == "scst":
+        scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
+                          max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
+    train_collator = collator if scst is None else ScstCollator(
+        lambda images: processor.image_processor(images, return_tensors="pt")["pixel_values"], processor)
+    items, loader, sampler = training_loader(cfg, data.train, processor, train_collator, batch_size, accelerator)
     val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
@@ -403,22 +434,25 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.grad_accum))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so it is
-    # registered for save_state explicitly.
+    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process). Its state
+    # goes into the checkpoint's JSON, not through register_for_checkpointing: Accelerate unpickles registered
+    # objects with weights_only=False, so a shared checkpoint could run code on resume.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps,
         min_lr_rate=t.min_lr_ratio,
     )
-    accelerator.register_for_checkpointing(scheduler)
     # Everything the loop needs to continue exactly where a checkpoint left off.
     state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
              "validated_step": None, "skipped": skipped}
     step = 0
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        checkpoint, state = _restore_newest_intact(accelerator, output)
         step = state.pop("step")
+        if "scheduler" in state:
+            scheduler.load_state_dict(state.pop("scheduler"))
         if main:
             truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
+            restore_best(output, state["best_step"])
         log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
     metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
     if trackers:
@@ -469,6 +503,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             if improved:
                 # The report's gallery shows best/'s captions, not whichever model validated last.
                 write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
+                keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
                 save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
                            card(result.metrics, step))
         accelerator.wait_for_everyone()
@@ -478,7 +513,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         nonlocal checkpointed_step
         checkpointed_step = step
         with quiet_tied_weights_note(accelerator.unwrap_model(model)):
-            save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
+            save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
+                            scheduler=scheduler)
 
     def patience_spent() -> bool:
         return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
@@ -514,9 +550,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                 for window in accumulation_windows(batches, t.grad_accum):
                     for batch in window:
                         _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    loss_sum, tokens, pairs = backward_window(
-                        accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
-                        epoch=epoch, first_batch=state["batch"])
+                    if scst is None:
+                        loss_sum, tokens, pairs = backward_window(
+                            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
+                    else:
+                        loss_sum, tokens, pairs = scst_backward_window(
+                            scst, accelerator, model, vision, window, tokenizer=processor.tokenizer, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
                     state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
                     pairs_trained += pairs * accelerator.num_processes
@@ -542,10 +583,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate)
+                    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
+                    rewards = scst.meter.finish_step(accelerator) if scst else {}
+                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate,
+                                      **rewards)
                     if step % t.log_every_steps == 0 or step in (1, total_steps):
                         metrics_log.write(**last_train)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
                         seen, tick, last_train = 0, time.perf_counter(), None
                     if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
                         validate(epoch)
@@ -621,6 +666,23 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                        final_metrics=final_metrics, checkpoints_kept=t.keep_checkpoints)
 
 
+def _restore_newest_intact(accelerator, output: Path) -> tuple[Path, dict]:
+    """Load the newest checkpoint that verifies and restores; a damaged one is named in a warning and skipped.
+
+    Raises:
+        CaptuneError: no checkpoint of the run can be restored (the newest one's reason is given).
+    """
+    reasons = []
+    for checkpoint in reversed(checkpoint_dirs(output)):
+        try:
+            return checkpoint, load_checkpoint(accelerator, checkpoint)
+        except CaptuneError as exc:
+            reasons.append(str(exc))
+            log.warning("%s; falling back to the previous checkpoint", exc)
+    raise CaptuneError(f"--resume: no checkpoint in {output}/checkpoints can be restored ({reasons[0] if reasons else 'none'}); "
+                       "rerun without --resume (and with --overwrite) to start over")
+
+
 def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,
                     first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward over one accumulation window, gradients synchronised after its last micro-batch.
@@ -646,7 +708,8 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
         pairs += batch.pop("pairs")
         # The window is known up front, so the sync point is set here rather than by `accelerator.accumulate`, whose
         # end-of-loader detection fires as soon as the epoch's last batch is fetched, i.e. early in a prefetched
-        # window. The prepared optimizer steps only when this is True.
+        # window. The prepared optimizer steps only when this is True (and DeepSpeed takes its accumulation boundary
+        # from it, so a short window steps there too).
         accelerator.sync_gradients = position == len(window) - 1
         seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
         with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
