@@ -244,8 +244,9 @@ def test_check_lists_every_problem_in_one_pass_with_a_progress_bar(tmp_path, cap
     assert main(["check", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     errors = [line for line in out.splitlines() if line.startswith("error:")]
-    assert len(errors) == 6, out
+    assert len(errors) == 7, out
     assert sum("no caption column" in line and "train/metadata.jsonl" in line for line in errors) == 3
+    assert any("train/metadata.jsonl: has no usable rows" in line for line in errors)
     assert any("validation/metadata.jsonl:1: empty caption" in line for line in errors)
     assert any("image 9.png not found" in line for line in errors)
     assert any("validation/metadata.jsonl:3: no caption column" in line for line in errors)
