@@ -321,7 +321,9 @@ def cmd_eval(args) -> int:
     from accelerate import Accelerator
 
     from .data import Shards, build_dataset
-    from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
+    from .evaluate import evaluate, merge_predictions
+    from .files import write_json, write_jsonl
+    from .metrics import format_metrics_table
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
 
@@ -431,7 +433,7 @@ def cmd_export(args) -> int:
     from .checkpoint import export_merged
 
     output = export_merged(args.run, args.output)
-    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
     return 0
 
 
@@ -449,20 +451,6 @@ def cmd_demo(args) -> int:
 
     run_demo(args.output, epochs=args.epochs)
     return 0
-
-
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
-
-
-def format_metrics_table(columns: dict[str, dict]) -> str:
-    """A plain-text table: one row per metric, one column per named metrics dict."""
-    names = list(columns)
-    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
-    keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    lines = [f"{'metric':<12}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for key in keys:
-        lines.append(f"{key:<12}" + "".join(f"{_fmt(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
-    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 
 from .errors import CaptuneError
-from .model import DEFAULT_MODEL
+from .models import DEFAULT_MODEL
 
 
 @dataclass
@@ -26,8 +26,9 @@ class DataConfig:
     """Dataset location: an image folder with metadata.jsonl/metadata.csv (or train/ and validation/ subfolders)."""
     val_split: float = 0.0
     """Fraction of training images held out for validation when the data has no validation folder (0 = none)."""
-    max_caption_tokens: int = 40
-    """Captions are truncated to this many tokens, special tokens and prompt included (40 as the original BLIP)."""
+    max_caption_tokens: int | None = None
+    """Captions are truncated to this many tokens, special tokens and prompt included (unset: the model family's
+    default, 40 for BLIP as the original)."""
     prompt: str = ""
     """Text every caption starts with, masked out of the loss and stripped from generated captions."""
     num_workers: int = 2
@@ -64,7 +65,7 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.val_split < 1:
             raise ValueError(f"data.val_split must be in [0, 1), got {self.val_split}")
-        if self.max_caption_tokens < 3:
+        if self.max_caption_tokens is not None and self.max_caption_tokens < 3:
             raise ValueError(f"data.max_caption_tokens must be >= 3 ([DEC], a word, [SEP]), got {self.max_caption_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -77,7 +78,8 @@ class ModelConfig:
     """Which BLIP to start from."""
 
     name: str = DEFAULT_MODEL
-    """A hub id, a local save_pretrained directory, or `tiny` (small random BLIP for CPU runs and tests)."""
+    """A hub id, a local save_pretrained directory, or a preset (`tiny`: small random BLIP for CPU runs and tests).
+    Its config.json's model_type picks the model family (captune.models), whose defaults fill unset fields."""
 
 
 @dataclass
@@ -88,12 +90,14 @@ class TrainConfig:
     """Passes over the training pairs."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
-    batch_size: int | Literal["auto"] = 16
-    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256."""
+    batch_size: int | Literal["auto"] | None = None
+    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256
+    (unset: the model family's default, 16 for BLIP)."""
     grad_accum: int = 1
     """Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes)."""
-    lr: float = 1e-5
-    """Peak learning rate (BLIP's caption fine-tuning used 1e-5 at batch 256; small data often wants 2e-5 to 5e-5)."""
+    lr: float | None = None
+    """Peak learning rate (unset: the model family's default: 1e-5 for BLIP as its caption fine-tuning at batch
+    256, small data often wants 2e-5 to 5e-5; 1e-3 for the random `tiny` preset)."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay (0.05 as the original); never applied to biases and norm weights."""
     warmup_ratio: float = 0.05
@@ -122,8 +126,9 @@ class TrainConfig:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch input."""
-    lora_targets: str = "query,value"
-    """Comma-separated Linear names in the text decoder's self- and cross-attention (query, key, value, dense)."""
+    lora_targets: str | None = None
+    """Comma-separated Linear names the family's LoRA adapts (BLIP: the text decoder's self- and cross-attention
+    query, key, value, dense; unset: the family's default, query,value for BLIP)."""
     lora_vision: bool = False
     """Also put LoRA on the vision encoder's attention (its fused qkv and output projection)."""
     gradient_checkpointing: bool = False
@@ -150,12 +155,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
-        if self.batch_size != "auto" and self.batch_size < 1:
+        if self.batch_size not in ("auto", None) and self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1 or auto, got {self.batch_size}")
         for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -167,7 +172,7 @@ class TrainConfig:
             raise ValueError("train.save_every_steps and train.early_stopping_patience must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+        if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError("train.lora_targets must name at least one module (e.g. query,value)")
         trackers = {t.strip() for t in self.report_to.split(",")}
         if not trackers <= {"auto", "none", "tensorboard", "wandb", "mlflow"}:
@@ -179,12 +184,13 @@ class TrainConfig:
 class EvalConfig:
     """How validation captions are generated."""
 
-    num_beams: int = 3
-    """Beam width (1 = greedy). The BLIP paper used 3."""
-    max_new_tokens: int = 20
-    """Longest caption, in tokens after the prompt (20 as the BLIP paper)."""
-    min_new_tokens: int = 5
-    """Shortest caption, in tokens after the prompt (5 as the BLIP paper; use 0 for short captions)."""
+    num_beams: int | None = None
+    """Beam width (1 = greedy; unset: the model family's default, 3 for BLIP as its paper)."""
+    max_new_tokens: int | None = None
+    """Longest caption, in tokens after the prompt (unset: the family's default, 20 for BLIP as its paper)."""
+    min_new_tokens: int | None = None
+    """Shortest caption, in tokens after the prompt (unset: the family's default, 5 for BLIP as its paper; use 0
+    for short captions)."""
     batch_size: int = 32
     """Images per generation batch."""
     caption_before: bool = True
@@ -192,9 +198,9 @@ class EvalConfig:
     "before" column and the step-0 point of its validation plot)."""
 
     def __post_init__(self):
-        if self.num_beams < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if any(v is not None and v < 1 for v in (self.num_beams, self.batch_size, self.max_new_tokens)):
             raise ValueError("eval.num_beams, eval.batch_size and eval.max_new_tokens must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= (self.max_new_tokens or 10**9):
             raise ValueError(f"eval.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
 
 
@@ -208,6 +214,30 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Fields whose unset value (None) means "what the model's family says" (captune.models, `defaults(name)`).
+FAMILY_DEFAULTED = ("train.lr", "train.batch_size", "train.lora_targets", "data.max_caption_tokens",
+                    "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens")
+
+
+def resolve_defaults(cfg: Config, defaults: dict) -> Config:
+    """A new Config with every unset FAMILY_DEFAULTED field filled from the model family's `defaults`.
+
+    Values a recipe, YAML file, flag or override set are kept: only None is filled. The result is what the run
+    directory's config.yaml records, so a resumed or repeated run does not depend on the family's defaults changing.
+
+    Raises:
+        CaptuneError: the family gives no value for an unset field, or an invalid one.
+    """
+    values = to_dict(cfg)
+    for dotted in FAMILY_DEFAULTED:
+        section, key = dotted.split(".")
+        if values[section][key] is None:
+            if dotted not in defaults:
+                raise CaptuneError(f"{dotted} is not set and the model family has no default for it: set it")
+            values[section][key] = defaults[dotted]
+    return from_dict(values)
 
 
 def to_dict(cfg) -> dict:

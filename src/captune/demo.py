@@ -9,7 +9,9 @@ from pathlib import Path
 from .config import load_config
 from .data import build_dataset
 from .data.synthetic import make_synthetic
-from .evaluate import EvalResult, evaluate, write_json
+from .evaluate import EvalResult, evaluate
+from .files import write_json
+from .metrics import format_metrics_table
 from .model import TINY, load_model_and_processor
 from .train import eval_options, train
 
@@ -56,9 +58,7 @@ def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRA
     ]
     summary = {"before": before.metrics, "after": after.metrics, "examples": examples}
     write_json(output / "demo.json", summary)
-    from .cli import format_metrics_table
-
-    print("\nHeld-out metrics before and after fine-tuning the tiny BLIP:")
+    print("\nHeld-out metrics before and after fine-tuning the tiny model:")
     print(format_metrics_table({"before": before.metrics, "after": after.metrics}))
     print("\nExamples (reference | before | after):")
     for example in examples:

@@ -36,6 +36,7 @@ def model_card(
     generation: dict,
     prompt: str = "",
     step: int | None = None,
+    family,
 ) -> str:
     """Render the model card.
 
@@ -47,6 +48,7 @@ def model_card(
         generation: decoding options validation used (num_beams, max_new_tokens, min_new_tokens).
         prompt: caption prefix used in training; captions must be generated from it.
         step: optimizer step these weights are from.
+        family: the model's family module (captune.models): its name, class and plain-transformers usage.
 
     Returns:
         The README.md text.
@@ -55,11 +57,11 @@ def model_card(
     hub_id = hub_base_model(base_model)
     if hub_id:
         front["base_model"] = hub_id
-    front["tags"] = ["image-captioning", "blip", "captune"]
+    front["tags"] = ["image-captioning", family.NAME, "captune"]
     front["metrics"] = list(HUB_METRICS)
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", "# BLIP captioner fine-tuned with captune", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {family.TITLE} captioner fine-tuned with captune", ""]
     lines += [
-        f"A `BlipForConditionalGeneration` image captioner fine-tuned from `{base_model}`"
+        f"A `{family.MODEL_CLASS}` image captioner fine-tuned from `{base_model}`"
         + (f", weights from optimizer step {step}." if step is not None else "."),
         "",
         "## Base model",
@@ -81,27 +83,5 @@ def model_card(
         lines += [f"| {k} | {metrics[k]:.4f} |" for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
     else:
         lines.append("No validation data was given, so no metrics were computed.")
-    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", usage_snippet(prompt, generation), ""]
+    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", family.usage_snippet(prompt, generation), ""]
     return "\n".join(lines)
-
-
-def usage_snippet(prompt: str, generation: dict) -> str:
-    """A runnable Python block; MODEL is this directory or the Hub repo it is uploaded to."""
-    kwargs = ", ".join(f"{k}={v}" for k, v in generation.items())
-    text = f", text={prompt!r}" if prompt else ""
-    # generate() returns [DEC] + the prompt's tokens + the caption; the prompt is [CLS] + tokens + [SEP] long.
-    start = '[inputs["input_ids"].shape[1] - 1:]' if prompt else ""
-    return f"""```python
-from PIL import Image
-from transformers import BlipForConditionalGeneration, BlipProcessor
-
-MODEL = "path/to/this/directory"  # or the Hub repo id you uploaded it to
-processor = BlipProcessor.from_pretrained(MODEL)
-model = BlipForConditionalGeneration.from_pretrained(MODEL).eval()
-
-image = Image.open("photo.jpg").convert("RGB")
-inputs = processor(images=image{text}, return_tensors="pt")
-output = model.generate(**inputs{', ' + kwargs if kwargs else ''})
-caption = processor.decode(output[0]{start}, skip_special_tokens=True){"  # without the prompt" if prompt else ""}
-print(caption)
-```"""

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object, set_seed
@@ -20,18 +19,22 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .checkpoint import (
-    EpochSampler, StopRequests, clear_run_state, latest_checkpoint, load_checkpoint, remove_partial_checkpoints,
-    save_checkpoint, save_model, truncate_lines,
+    StopRequests, clear_run_state, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint,
+    save_model,
 )
-from .config import Config, save_config, to_dict
+from .config import Config, resolve_defaults, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
-from .data.collate import IGNORE_INDEX, CaptionCollator, ItemOptions
+from .data.collate import CaptionCollator, ItemOptions
+from .data.sampling import EpochSampler
 from .errors import CaptuneError
-from .evaluate import evaluate, write_json, write_jsonl
+from .evaluate import evaluate
+from .files import truncate_lines, write_json, write_jsonl
 from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
 from .generate import GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
+from .models import family_defaults, family_of
+from .models.common import caption_loss
 from .report import write_report
 from .speed import apply_speed_levers, share_images
 
@@ -95,23 +98,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Next-token cross entropy averaged over caption tokens; -100 labels (pads, prompt) are ignored.
-
-    Computed here rather than by the model so label smoothing is a training option, not a property of the saved
-    config (transformers' BLIP reads it from `text_config.label_smoothing`, default 0).
-    """
-    shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    total = F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing, reduction="sum",
-    )
-    # The mean over caption tokens, and 0 (not 0/0) for a placeholder batch with none: no host sync either way.
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-
-
 def eval_options(cfg: Config) -> GenerationOptions:
+    """How validation decodes (the family's defaults where cfg leaves eval options unset)."""
+    if None in (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens):
+        cfg = resolved(cfg)
     return GenerationOptions(
         num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
         min_new_tokens=cfg.eval.min_new_tokens, prompt=cfg.data.prompt,
@@ -165,7 +155,7 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     processes and workers (data/wds.py), so its loader is only wrapped for device placement and end-of-epoch
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
-    size = processor.image_processor.size["height"]
+    size = collator.family.image_size(processor)
     items = training_dataset(
         train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
@@ -185,6 +175,19 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
     return items, loader, sampler
+
+
+def resolved(cfg: Config, model=None) -> Config:
+    """`cfg` with the fields it leaves unset filled from its model family's defaults (explicit values win).
+
+    Args:
+        model: the already loaded model train() was handed, whose family then decides; else cfg.model.name's.
+
+    Raises:
+        CaptuneError: cfg.model.name is not a supported family (read from its config.json, before any weights load).
+    """
+    defaults = family_of(model).defaults(cfg.model.name) if model is not None else family_defaults(cfg.model.name)
+    return resolve_defaults(cfg, defaults)
 
 
 def trainable_model(cfg: Config, model=None, processor=None):
@@ -216,11 +219,39 @@ def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) ->
         skipped.append(item)
 
 
+@dataclass
+class Run:
+    """What the loop's named pieces (validation, checkpoints, steps) share: a state holder, no behaviour."""
+
+    cfg: Config
+    accelerator: Accelerator
+    output: Path
+    model: torch.nn.Module
+    processor: object
+    family: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    validation: list
+    options: GenerationOptions
+    settings: dict
+    data_counts: dict
+    metrics_log: MetricsLog | None = None
+    state: dict = field(default_factory=dict)
+    """Everything a checkpoint stores to continue exactly: epoch, batch, best score/step, patience, skips."""
+    step: int = 0
+    final_metrics: dict = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(cfg: Config, *, model=None, processor=None, resume: bool = False, before=None) -> TrainResult:
-    """Fine-tune a BLIP captioner as `cfg` says and write the run directory.
+    """Fine-tune a captioner as `cfg` says and write the run directory.
 
     Args:
-        cfg: the resolved configuration.
+        cfg: the configuration; fields it leaves unset (None) take the model family's defaults, and the resolved
+            values are what RUN/config.yaml records.
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
         resume: continue from the newest complete checkpoint in RUN/checkpoints/ (from scratch when none).
@@ -231,8 +262,10 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         TrainResult with the run directory and the best validation score.
 
     Raises:
-        CaptuneError: bad data, model or configuration, or a non-finite loss with `train.on_nonfinite: stop`.
+        CaptuneError: bad data, model or configuration (an unsupported model type before anything loads or any
+            file is written), or a non-finite loss with `train.on_nonfinite: stop`.
     """
+    cfg = resolved(cfg, model)
     output = Path(cfg.output)
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
@@ -257,13 +290,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     validation = data.validation[: cfg.data.max_val_images or None]
     t = cfg.train
     model, processor = trainable_model(cfg, model, processor)
+    family = family_of(model)
     if main:
         _start_run_directory(output, cfg, fresh=checkpoint is None)
         log.info(
-            "training %s (mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d process(es), "
-            "precision %s", cfg.model.name, t.mode, len(data.train), count_captions(data.train),
-            len(validation), freeze_summary(model), accelerator.device, accelerator.num_processes,
-            accelerator.mixed_precision,
+            "training %s (%s, mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d "
+            "process(es), precision %s", cfg.model.name, family.NAME, t.mode, len(data.train),
+            count_captions(data.train), len(validation), freeze_summary(model), accelerator.device,
+            accelerator.num_processes, accelerator.mixed_precision,
         )
         if not validation:
             log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
@@ -271,7 +305,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             log.warning("skipped %s", item["reason"])
     accelerator.wait_for_everyone()
 
-    collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
+    collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt, family=family)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
     items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
     streamed = sampler is None
@@ -291,85 +325,29 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         min_lr_rate=t.min_lr_ratio,
     )
     accelerator.register_for_checkpointing(scheduler)
-    # Everything the loop needs to continue exactly where a checkpoint left off.
-    state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
-             "validated_step": None, "skipped": skipped}
-    step = 0
+    run = Run(cfg=cfg, accelerator=accelerator, output=output, model=model, processor=processor, family=family,
+              optimizer=optimizer, scheduler=scheduler, validation=validation, options=eval_options(cfg),
+              settings=run_settings(cfg), data_counts=_data_counts(cfg, data, validation),
+              state={"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0,
+                     "metrics_lines": 0, "validated_step": None, "skipped": skipped})
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
-        step = state.pop("step")
-        if main:
-            truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
-        log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
-    metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
+        _restore(run, checkpoint)
+    run.metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=run.state["metrics_lines"])
     if trackers:
         accelerator.init_trackers("captune", config=flat_config(cfg))
-    options = eval_options(cfg)
-    settings = {"base_model": cfg.model.name, "base_seed": t.seed, "mode": t.mode, "prompt": cfg.data.prompt,
-                "max_caption_tokens": cfg.data.max_caption_tokens,
-                "generation": {"num_beams": options.num_beams, "max_new_tokens": options.max_new_tokens,
-                               "min_new_tokens": options.min_new_tokens}}
-    final_metrics: dict = {}
-    data_counts = {"path": cfg.data.path, "train_images": len(data.train),
-                   "train_captions": count_captions(data.train), "validation_images": len(validation),
-                   "validation_captions": sum(len(s.captions) for s in validation)}
-
-    def card(metrics: dict, at_step: int) -> str:
-        return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
-                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step)
-
-    def validate(epoch: int, final: bool = False) -> None:
-        nonlocal final_metrics
-        if not validation or (state["validated_step"] == step and not final):
-            return  # an epoch end can coincide with an eval_every_steps step
-        state["validated_step"] = step
-        # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
-        result = evaluate(
-            model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
-        )
-        final_metrics = result.metrics
-        score = selection_score(result.metrics, t.best_metric)
-        # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
-        improved = state["best_score"] is None or score > state["best_score"]
-        state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
-        if improved:
-            state.update(best_score=score, best_step=step)
-        if main:
-            metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
-            accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step=step)
-            write_jsonl(output / "val_predictions.jsonl", result.predictions)
-            log.info("step %d validation: %s", step, _format_metrics(result.metrics))
-            if improved:
-                save_model(accelerator.unwrap_model(model), processor, output / "best", settings,
-                           card(result.metrics, step))
-        accelerator.wait_for_everyone()
-
-    def checkpoint_now() -> None:
-        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
-
-    def patience_spent() -> bool:
-        return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
-
     if validation and cfg.eval.caption_before and checkpoint is None:
-        # The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless
-        # the caller, the demo, has already done that and hands them over).
-        before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
-                                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                                    desc="captioning before training", meteor=False)
-        if main:
-            metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
-            write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
-            log.info("before training: %s", _format_metrics(before.metrics))
+        _caption_before(run, before)
 
-    vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
+    vision = family.vision_tower(accelerator.unwrap_model(model))  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
     loss_sum, micro = torch.zeros((), device=accelerator.device), 0
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=total_steps, initial=run.step, desc="training", unit="step",
+               disable=not accelerator.is_local_main_process)
+    state = run.state
     with StopRequests() as stop:
         try:
-            while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
+            while state["epoch"] < epochs and run.step < total_steps and not _patience_spent(run) and not interrupted:
                 epoch = state["epoch"]
                 if streamed:
                     items.set_epoch(epoch)
@@ -382,94 +360,198 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
                     # process must take part in each step's collectives.
                     pairs = batch.pop("pairs")
-                    with accelerator.accumulate(model), share_images(vision, batch.get("image_index")):
-                        outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                                        attention_mask=batch["attention_mask"])
-                        loss = caption_loss(outputs.logits, batch["labels"], t.label_smoothing)
-                        accelerator.backward(loss)
+                    loss = _forward_backward(run, batch, vision)
                     if pairs:
                         loss_sum, micro = loss_sum + loss.detach(), micro + 1
                     seen += pairs * accelerator.num_processes
                     if not accelerator.sync_gradients:
                         continue
-                    step += 1
+                    run.step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
                     loss_value, bad, signalled = _agree(accelerator, loss_sum, micro, stop.requested is not None)
                     loss_sum, micro = torch.zeros_like(loss_sum), 0
-                    if bad and t.on_nonfinite == "stop":
-                        last_good = latest_checkpoint(output)
-                        raise CaptuneError(
-                            f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
-                            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
-                            "rerun with --resume, or set train.on_nonfinite=skip", 1)
-                    if bad or loss_value is None:
-                        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
-                                    else "no usable training pair on any process", step)
-                    else:
-                        if t.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    lr = scheduler.get_last_lr()[0]
-                    scheduler.step()
+                    lr = _optimizer_step(run, loss_value, bad, epoch)
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    if step % t.log_every_steps == 0 or step == 1:
-                        metrics_log.write(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr,
-                                          samples_per_s=rate)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
+                    if run.step % t.log_every_steps == 0 or run.step == 1:
+                        run.metrics_log.write(step=run.step, epoch=epoch, split="train", loss=loss_value, lr=lr,
+                                              samples_per_s=rate)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=run.step)
                         seen, tick = 0, time.perf_counter()
-                    if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
-                        validate(epoch)
-                    if step >= total_steps or patience_spent():
+                    if t.eval_every_steps and run.step % t.eval_every_steps == 0 and run.step < total_steps:
+                        _validate(run, epoch)
+                    if run.step >= total_steps or _patience_spent(run):
                         break
                     # The epoch-end checkpoint, after validation, covers a periodic save falling on the last batch.
                     epoch_done = state["batch"] == batches_per_epoch
-                    if signalled or (t.save_every_steps and step % t.save_every_steps == 0 and not epoch_done):
-                        checkpoint_now()
+                    if signalled or (t.save_every_steps and run.step % t.save_every_steps == 0 and not epoch_done):
+                        _checkpoint(run)
                     if signalled:
                         interrupted = stop.requested or "a signal on another process"
                         break
                 else:
                     state.update(epoch=epoch + 1, batch=0)
                     if state["epoch"] < epochs:
-                        validate(epoch)
-                    checkpoint_now()
+                        _validate(run, epoch)
+                    _checkpoint(run)
         except BaseException:
-            metrics_log.close()
+            run.metrics_log.close()
             raise
         finally:
             bar.close()
     if interrupted:
-        metrics_log.close()
+        run.metrics_log.close()
         log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
-                    interrupted, step, output)
+                    interrupted, run.step, output)
         accelerator.end_training()
-        return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
-                           interrupted=interrupted)
-    if patience_spent():
-        log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
+        return TrainResult(output=output, steps=run.step, best_score=state["best_score"],
+                           best_step=state["best_step"], interrupted=interrupted)
+    return _finish(run)
+
+
+def run_settings(cfg: Config) -> dict:
+    """What best/ and last/ record in captune.json: the base model, and how validation decoded."""
+    return {"base_model": cfg.model.name, "base_seed": cfg.train.seed, "mode": cfg.train.mode,
+            "prompt": cfg.data.prompt, "max_caption_tokens": cfg.data.max_caption_tokens,
+            "generation": {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
+                           "min_new_tokens": cfg.eval.min_new_tokens}}
+
+
+def _data_counts(cfg: Config, data, validation: list) -> dict:
+    return {"path": cfg.data.path, "train_images": len(data.train), "train_captions": count_captions(data.train),
+            "validation_images": len(validation), "validation_captions": sum(len(s.captions) for s in validation)}
+
+
+def _restore(run: Run, checkpoint: Path) -> None:
+    """Continue from `checkpoint`: weights, optimizer, scheduler, RNG, loop state; the log cut back to match."""
+    run.state = load_checkpoint(run.accelerator, checkpoint)
+    run.step = run.state.pop("step")
+    if run.main:
+        truncate_lines(run.output / "metrics.jsonl", run.state["metrics_lines"])
+    log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, run.step, run.state["epoch"],
+             run.state["batch"])
+
+
+def _forward_backward(run: Run, batch: dict, vision) -> torch.Tensor:
+    """One micro-batch: the family's loss, backward inside Accelerate's accumulation window."""
+    with run.accelerator.accumulate(run.model), share_images(vision, batch.get("image_index")):
+        loss = run.family.loss(run.model, batch, label_smoothing=run.cfg.train.label_smoothing)
+        run.accelerator.backward(loss)
+    return loss
+
+
+def _optimizer_step(run: Run, loss_value: float | None, bad: bool, epoch: int) -> float:
+    """Clip and step (or skip a non-finite / empty step), advance the schedule; returns the step's learning rate.
+
+    Raises:
+        CaptuneError: a non-finite loss under train.on_nonfinite=stop, before the weights change.
+    """
+    t = run.cfg.train
+    if bad and t.on_nonfinite == "stop":
+        last_good = latest_checkpoint(run.output)
+        raise CaptuneError(
+            f"loss is {loss_value} at step {run.step} (epoch {epoch}); stopped before updating the weights. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
+            "rerun with --resume, or set train.on_nonfinite=skip", 1)
+    if bad or loss_value is None:
+        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
+                    else "no usable training pair on any process", run.step)
+    else:
+        if t.max_grad_norm > 0:
+            run.accelerator.clip_grad_norm_(run.model.parameters(), t.max_grad_norm)
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    return lr
+
+
+def _card(run: Run, metrics: dict, at_step: int) -> str:
+    return model_card(base_model=run.cfg.model.name, data=run.data_counts, hyperparameters=vars(run.cfg.train),
+                      metrics=metrics, generation=run.settings["generation"], prompt=run.cfg.data.prompt,
+                      step=at_step, family=run.family)
+
+
+def _caption_before(run: Run, before) -> None:
+    """The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless the
+    caller, the demo, has already done that and hands them over)."""
+    cfg = run.cfg
+    before = before or evaluate(run.model, run.processor, run.validation, run.options, accelerator=run.accelerator,
+                                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                desc="captioning before training", meteor=False)
+    if run.main:
+        run.metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
+        write_jsonl(run.output / "val_predictions_before.jsonl", before.predictions)
+        log.info("before training: %s", _format_metrics(before.metrics))
+
+
+def _validate(run: Run, epoch: int, final: bool = False) -> None:
+    """Caption and score the validation images; keep best/ when the selection metric improved."""
+    state, step = run.state, run.step
+    if not run.validation or (state["validated_step"] == step and not final):
+        return  # an epoch end can coincide with an eval_every_steps step
+    state["validated_step"] = step
+    # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
+    result = evaluate(
+        run.model, run.processor, run.validation, run.options, accelerator=run.accelerator,
+        batch_size=run.cfg.eval.batch_size, num_workers=run.cfg.data.num_workers, desc=f"validating (step {step})",
+        meteor=final,
+    )
+    run.final_metrics = result.metrics
+    score = selection_score(result.metrics, run.cfg.train.best_metric)
+    # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
+    improved = state["best_score"] is None or score > state["best_score"]
+    state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
+    if improved:
+        state.update(best_score=score, best_step=step)
+    if run.main:
+        run.metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
+        run.accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)},
+                            step=step)
+        write_jsonl(run.output / "val_predictions.jsonl", result.predictions)
+        log.info("step %d validation: %s", step, _format_metrics(result.metrics))
+        if improved:
+            save_model(run.accelerator.unwrap_model(run.model), run.processor, run.output / "best", run.settings,
+                       _card(run, result.metrics, step))
+    run.accelerator.wait_for_everyone()
+
+
+def _checkpoint(run: Run) -> None:
+    save_checkpoint(run.accelerator, run.output, run.step, {**run.state, "metrics_lines": run.metrics_log.lines},
+                    run.cfg.train.keep_last)
+
+
+def _patience_spent(run: Run) -> bool:
+    patience = run.cfg.train.early_stopping_patience
+    return bool(patience) and run.state["stale_evals"] >= patience
+
+
+def _finish(run: Run) -> TrainResult:
+    """The final validation, last/ (and best/ without validation), summary.json and the report."""
+    t, state, accelerator, output = run.cfg.train, run.state, run.accelerator, run.output
+    if _patience_spent(run):
+        log.info("early stopping at step %d: no better %s in %d validations", run.step, t.best_metric,
                  t.early_stopping_patience)
-    validate(state["epoch"], final=True)
-    metrics_log.close()
+    _validate(run, state["epoch"], final=True)
+    run.metrics_log.close()
     skipped = state["skipped"]
     skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
-    if main:
+    if run.main:
         if skipped:
             log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(run.model)
         for name in ("last", "best") if state["best_score"] is None else ("last",):
-            save_model(unwrapped, processor, output / name, settings, card(final_metrics, step))
-        write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
+            save_model(unwrapped, run.processor, output / name, run.settings, _card(run, run.final_metrics, run.step))
+        write_json(output / "summary.json", {"steps": run.step, "best_step": state["best_step"],
                                              "best_score": state["best_score"], "best_metric": t.best_metric,
-                                             "final_metrics": final_metrics, "skipped_samples": skipped,
-                                             "data": data_counts})
+                                             "final_metrics": run.final_metrics, "skipped_samples": skipped,
+                                             "data": run.data_counts})
         write_report(output)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
-                       final_metrics=final_metrics)
+    return TrainResult(output=output, steps=run.step, best_score=state["best_score"], best_step=state["best_step"],
+                       final_metrics=run.final_metrics)
 
 
 def _agree(accelerator, loss_sum: torch.Tensor, micro: int, stop: bool) -> tuple[float | None, bool, bool]:

@@ -1,7 +1,7 @@
 """`captune check`: read a whole dataset the way training will and say precisely what is wrong, before a GPU-hour.
 
 Every image is opened and decoded with the training decoder (so what passes here decodes in training), captions are
-tokenised with BLIP's tokenizer, and every problem is listed with its file (and line) and reason.
+tokenised with the default (tiny preset's) tokenizer, and every problem is listed with its file (and line) and reason.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
 
 
 def _tokenizer():
-    from ..model import blip_tokenizer
+    from ..models import counting_tokenizer
 
-    return blip_tokenizer()
+    return counting_tokenizer()
 
 
 def _shard_samples(items, problems: list[Problem]):
