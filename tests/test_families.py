@@ -20,10 +20,10 @@ from captune.data.synthetic import make_synthetic
 from captune.errors import CaptuneError
 from captune.generate import GenerationOptions
 from captune.model import load_model_and_processor
-from captune.models.common import IGNORE_INDEX
+from captune.models.common import IGNORE_INDEX, mean_loss
 
 CONTRACT = ("defaults", "preset_tokenizer", "load", "image_size", "pixel_values", "tokenize", "start_token_id",
-            "loss", "generate", "set_trainable", "lora_pattern", "vision_tower", "int8_targets", "sdpa_forward",
+            "target_tokens", "loss_sum", "generate", "set_trainable", "lora_pattern", "vision_tower", "int8_targets", "sdpa_forward",
             "usage_snippet")
 LEVERS = {"sdpa", "beam_cache", "int8", "grouped"}
 
@@ -185,13 +185,13 @@ def test_blip_loss_equals_the_models_own_loss_and_depends_on_the_image(blip, tin
     batch = blip.tokenize(processor, ["two red circles", "a dog"], prompt="", max_tokens=40)
     batch["pixel_values"] = blip.pixel_values(processor, [red, stripes])
     with torch.no_grad():
-        ours = blip.loss(model, batch, label_smoothing=0.0)
+        ours = mean_loss(blip, model, batch)
         theirs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
         assert torch.allclose(ours, theirs, atol=1e-5)
         same_caption = blip.tokenize(processor, ["two red circles"] * 2, prompt="", max_tokens=40)
-        losses = [blip.loss(model, {**same_caption, "pixel_values": blip.pixel_values(processor, [image] * 2)},
-                            label_smoothing=0.0) for image in (red, stripes)]
+        losses = [mean_loss(blip, model, {**same_caption, "pixel_values": blip.pixel_values(processor, [image] * 2)})
+                  for image in (red, stripes)]
     assert abs(losses[0].item() - losses[1].item()) > 1e-4  # the model sees the image
 
 

@@ -40,14 +40,14 @@ def args(data: Path, output: Path, *extra: str) -> list[str]:
 
 def nan_at_call(monkeypatch, bad_call: int) -> None:
     family = family_for("tiny")
-    real, calls = family.loss, []
+    real, calls = family.loss_sum, []
 
     def loss(model, batch, *, label_smoothing):
         calls.append(1)
         value = real(model, batch, label_smoothing=label_smoothing)
         return value * float("nan") if len(calls) == bad_call else value
 
-    monkeypatch.setattr(family, "loss", loss)
+    monkeypatch.setattr(family, "loss_sum", loss)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_only, tmp_path, monkeypatch,

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .data.records import load_rgb
 from .errors import CaptuneError
-from .generate import GenerationOptions, caption_images
+from .generate import RECORDED_OPTIONS, GenerationOptions, caption_images
 from .model import load_captune_settings, load_model_and_processor
 from .speed import quantize_int8, require_cpu_for_int8
 
@@ -70,7 +70,7 @@ class Captioner:
             quantize_int8(model)
         settings = load_captune_settings(name)
         saved = settings.get("generation", {})
-        recorded = {key: saved[key] for key in ("num_beams", "max_new_tokens", "min_new_tokens") if key in saved}
+        recorded = {key: saved[key] for key in RECORDED_OPTIONS if key in saved}
         if settings.get("prompt"):
             recorded["prompt"] = settings["prompt"]
         base = _options(GenerationOptions(), recorded)

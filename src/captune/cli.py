@@ -25,7 +25,18 @@ def _generation_flags(parser: argparse.ArgumentParser, beams: int | None, min_to
     group.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy/beam search")
     group.add_argument("--top-p", type=float, default=0.9, help="nucleus mass when sampling (default 0.9)")
     group.add_argument("--temperature", type=float, default=1.0, help="temperature when sampling (default 1.0)")
-    group.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats (default 1.0)")
+    _guard_flags(group, "the model dir's captune.json, else ")
+
+
+def _guard_flags(group, default: str) -> None:
+    """Decoding options against repeated words, shared by caption/eval/serve (defaults from captune.json) and train
+    (recorded into captune.json)."""
+    group.add_argument("--repetition-penalty", type=float, default=None,
+                       help=f">1 discourages tokens already in the caption (default {default}1.0 = off)")
+    group.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                       help=f"forbid any token n-gram of this size from repeating, e.g. 3 (default {default}0 = off)")
+    group.add_argument("--length-penalty", type=float, default=None,
+                       help=f"beam search: >1 favours longer captions, <1 shorter (default {default}1.0)")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
+    _guard_flags(train.add_argument_group("validation decoding (recorded in captune.json)"), "")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
 
@@ -147,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    _guard_flags(serve.add_argument_group("generation defaults"), "the model dir's captune.json, else ")
 
     report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
                                  description="Rebuild the self-contained RUN/report.html and RUN/plots/ from the files "
@@ -237,7 +250,8 @@ def train_overrides(args) -> dict:
         ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
         ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
         ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
-        ("train", "compile"): args.compile,
+        ("train", "compile"): args.compile, ("eval", "repetition_penalty"): args.repetition_penalty,
+        ("eval", "no_repeat_ngram_size"): args.no_repeat_ngram_size, ("eval", "length_penalty"): args.length_penalty,
     }
     values: dict = {}
     for path, value in flags.items():
@@ -288,7 +302,9 @@ def generation_options(args, model_dir_settings: dict):
             min_new_tokens=args.min_new_tokens if args.min_new_tokens is not None else saved.get("min_new_tokens", 0),
             prompt=args.prompt if args.prompt is not None else model_dir_settings.get("prompt", ""),
             do_sample=args.sample, top_p=args.top_p, temperature=args.temperature,
-            repetition_penalty=args.repetition_penalty,
+            **{name: getattr(args, name) if getattr(args, name) is not None else saved.get(name, default)
+               for name, default in (("repetition_penalty", 1.0), ("no_repeat_ngram_size", 0),
+                                     ("length_penalty", 1.0))},
         )
     except ValueError as exc:
         raise CaptuneError(f"generation options: {exc}") from exc
@@ -323,7 +339,7 @@ def cmd_eval(args) -> int:
     from .data import Shards, build_dataset
     from .evaluate import evaluate, merge_predictions
     from .files import write_json, write_jsonl
-    from .metrics import format_metrics_table
+    from .metrics import format_metrics_table, guard_warnings
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
 
@@ -365,6 +381,9 @@ def cmd_eval(args) -> int:
             write_json(output / "metrics.json", {label: r.metrics for label, r in results.items()})
             write_jsonl(output / "predictions.jsonl", merge_predictions({k: r.predictions for k, r in results.items()}))
         print(format_metrics_table({label: r.metrics for label, r in results.items()}))
+        for label, result in results.items():
+            for warning in guard_warnings(result.metrics, images=len(result.predictions)):
+                log.warning("%s: %s", label, warning)
         log.info("wrote %s and %s", output / "metrics.json", output / "predictions.jsonl")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -424,7 +443,9 @@ def cmd_serve(args) -> int:
                              batch_wait_s=args.batch_wait_ms / 1000)
     except ValueError as exc:
         raise CaptuneError(f"serve limits: {exc}") from exc
-    captioner = Captioner.load(args.model, device=args.device, int8=args.int8)
+    defaults = {name: getattr(args, name) for name in ("repetition_penalty", "no_repeat_ngram_size", "length_penalty")
+                if getattr(args, name) is not None}
+    captioner = Captioner.load(args.model, device=args.device, int8=args.int8, **defaults)
     run_server(captioner, host=args.host, port=args.port, limits=limits)
     return 0
 
@@ -454,6 +475,8 @@ def cmd_demo(args) -> int:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # counts (vocabulary)
     return "n/a" if value is None else f"{value:.3f}"
 
 

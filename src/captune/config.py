@@ -191,6 +191,13 @@ class EvalConfig:
     min_new_tokens: int | None = None
     """Shortest caption, in tokens after the prompt (unset: the family's default, 5 for BLIP as its paper; use 0
     for short captions)."""
+    repetition_penalty: float = 1.0
+    """>1 discourages tokens already in the caption (1 = off); recorded in captune.json with the other options, so
+    the saved model decodes as it was validated."""
+    no_repeat_ngram_size: int = 0
+    """Forbid any token n-gram of this size from occurring twice in a caption (3 is common; 0 = off)."""
+    length_penalty: float = 1.0
+    """Beam search: a caption's score is log-probability / length**length_penalty (>1 favours longer captions)."""
     batch_size: int = 32
     """Images per generation batch."""
     caption_before: bool = True
@@ -202,6 +209,9 @@ class EvalConfig:
             raise ValueError("eval.num_beams, eval.batch_size and eval.max_new_tokens must be >= 1")
         if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= (self.max_new_tokens or 10**9):
             raise ValueError(f"eval.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"eval.repetition_penalty must be > 0 and eval.no_repeat_ngram_size >= 0, got "
+                             f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
 
 
 @dataclass

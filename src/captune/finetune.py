@@ -18,6 +18,7 @@ from PIL import Image
 
 from .errors import CaptuneError
 from .models import family_of
+from .models.common import mean_loss
 
 log = logging.getLogger("captune")
 
@@ -136,7 +137,7 @@ def find_batch_size(model, collator, accelerator, start: int = AUTO_BATCH_START)
         batch = {k: v.to(accelerator.device) for k, v in collator([item] * batch_size).items()
                  if isinstance(v, torch.Tensor)}
         with accelerator.autocast():
-            loss = family.loss(model, batch, label_smoothing=0.0)
+            loss = mean_loss(family, model, batch)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return True

@@ -10,6 +10,12 @@ from PIL import Image
 from .models import family_of
 
 
+# What a run records in captune.json ("generation") and `Captioner`, `caption`, `eval` and `serve` take as defaults: the
+# decoding validation used, so a saved model captions as it was scored. Sampling options are per-call choices.
+RECORDED_OPTIONS = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty", "no_repeat_ngram_size",
+                    "length_penalty")
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """How captions are decoded.
@@ -22,7 +28,11 @@ class GenerationOptions:
         do_sample: nucleus sampling instead of greedy/beam search.
         top_p: nucleus mass when sampling.
         temperature: softmax temperature when sampling.
-        repetition_penalty: >1 discourages repeated tokens.
+        repetition_penalty: >1 discourages tokens already in the caption (CTRL's penalty; 1 = off).
+        no_repeat_ngram_size: n > 0 forbids any token n-gram from occurring twice (3 stops "a hat on top of a hat
+            on top of"; 0 = off).
+        length_penalty: beam search scores a finished caption by log-probability / length**length_penalty: > 1
+            favours longer captions, < 1 shorter ones (1 = transformers' default; unused with num_beams 1).
     """
 
     num_beams: int = 1
@@ -33,6 +43,8 @@ class GenerationOptions:
     top_p: float = 0.9
     temperature: float = 1.0
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         if self.num_beams < 1:
@@ -42,6 +54,9 @@ class GenerationOptions:
                 f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
                 f"got min {self.min_new_tokens}, max {self.max_new_tokens}"
             )
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"need repetition_penalty > 0 and no_repeat_ngram_size >= 0, got "
+                             f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
 
     def generate_kwargs(self) -> dict:
         kwargs = asdict(self)
@@ -49,6 +64,8 @@ class GenerationOptions:
         if not self.do_sample:
             kwargs.pop("top_p")
             kwargs.pop("temperature")
+        if self.num_beams == 1:
+            kwargs.pop("length_penalty")  # a beam-search score; transformers warns when it is set for greedy
         return kwargs
 
 

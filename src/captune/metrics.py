@@ -114,7 +114,8 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
 
     Returns:
         bleu_1..bleu_4, meteor (None without Java), rouge_l, cider, exact_match as floats on pycocoevalcap's
-        scale; spice only when SPICE's jars are already on disk and it ran; tokenizer: "ptb" or "simple";
+        scale; spice only when SPICE's jars are already on disk and it ran; the `caption_guards` numbers
+        (repeated_ngram_rate, distinct_captions, distinct_references, vocabulary); tokenizer: "ptb" or "simple";
         with per_item, per_item: {id: {"cider": float, "bleu_4": float}}.
 
     Raises:
@@ -157,12 +158,85 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
     spice = _spice_score(gts, res) if use_java else None
     if spice is not None:
         result["spice"] = spice
+    result.update(caption_guards(predictions, references))
     result["tokenizer"] = tokenizer
     if per_item:
         # Every scorer iterates gts.keys(), which is built in `ids` order, so list positions line up with ids.
         result["per_item"] = {i: {"cider": float(c), "bleu_4": float(b)}
                               for i, c, b in zip(ids, cider_items, bleu_items[3])}
     return result
+
+
+# Thresholds of `guard_warnings`: a model that names fewer than half the distinct scenes its references describe
+# has collapsed, and one caption in ten with a repeat is far above what human captions do (COCO's: well under 1%).
+COLLAPSE_RATIO = 0.5
+REPEAT_RATE = 0.1
+GUARD_MIN_IMAGES = 4
+"""Fewer images than this say too little about diversity to warn."""
+
+
+def has_repeat(words: list[str]) -> bool:
+    """A caption "repeats" when a word follows itself ("post post") or a word trigram occurs twice ("a hat on top
+    of a hat on top"). Repeated bigrams alone are not counted: "on a ... on a" is ordinary English."""
+    if any(a == b for a, b in zip(words, words[1:])):
+        return True
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) < len(trigrams)
+
+
+def caption_guards(predictions: dict[str, str], references: dict[str, list[str]] | None = None) -> dict:
+    """Numbers that expose the two classic fine-tuning failures: repeated words and collapsed captions.
+
+    Words are `simple_tokenize` tokens (lowercased, punctuation out), with or without Java.
+
+    Args:
+        predictions: image id -> predicted caption.
+        references: image id -> reference captions (for distinct_references); optional.
+
+    Returns:
+        repeated_ngram_rate: share of captions with a repeat (see `has_repeat`);
+        distinct_captions: distinct predicted captions / images;
+        distinct_references: distinct reference sets / images, the most distinct_captions a model that tells every
+            scene apart needs (1.0 on COCO; lower where images share captions, as in the synthetic shapes);
+            only with `references`;
+        vocabulary: distinct words over all predicted captions (an int).
+    """
+    words = [simple_tokenize(c).split() for c in predictions.values()]
+    count = max(len(words), 1)
+    out = {"repeated_ngram_rate": sum(map(has_repeat, words)) / count,
+           "distinct_captions": len({" ".join(w) for w in words}) / count}
+    if references is not None:
+        sets = {frozenset(" ".join(simple_tokenize(r).split()) for r in references[i]) for i in predictions}
+        out["distinct_references"] = len(sets) / count
+    out["vocabulary"] = len({w for caption in words for w in caption})
+    return out
+
+
+def guard_warnings(metrics: dict, images: int | None = None) -> list[str]:
+    """Plain-words warnings for collapsed or repeating captions, with their usual cause; [] when all looks normal.
+
+    Args:
+        metrics: a `score` result (or any dict with the `caption_guards` keys; missing keys are not judged).
+        images: how many images the numbers come from (None: judge anyway).
+    """
+    if images is not None and images < GUARD_MIN_IMAGES:
+        return []
+    out = []
+    distinct, ceiling = metrics.get("distinct_captions"), metrics.get("distinct_references")
+    if isinstance(distinct, (int, float)) and distinct < COLLAPSE_RATIO * (ceiling if ceiling is not None else 1.0):
+        out.append(
+            f"captions have collapsed: only {distinct:.0%} of the images get a caption of their own (the references "
+            f"tell {ceiling if ceiling is not None else 1.0:.0%} apart), so the model says much the same thing for "
+            "every image. The usual cause is a learning rate too high for the data (or too many epochs on a small "
+            "set): lower train.lr (e.g. by 10x) and compare with the captions from before fine-tuning.")
+    rate = metrics.get("repeated_ngram_rate")
+    if isinstance(rate, (int, float)) and rate >= REPEAT_RATE:
+        out.append(
+            f"{rate:.0%} of the captions repeat words (\"post post\", \"a hat on top of a hat on top of\"). Usual "
+            "causes: too little training (the model has not learnt to stop) or overfitting; decoding with "
+            "no_repeat_ngram_size 3 or repetition_penalty 1.2-1.5 suppresses it (eval.no_repeat_ngram_size, "
+            "--no-repeat-ngram-size).")
+    return out
 
 
 def _check_inputs(predictions: dict, references: dict) -> None:
@@ -250,7 +324,8 @@ def _spice_score(gts: dict, res: dict) -> float | None:
         return None
 
 
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
+METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
 
 
 def format_metrics_table(columns: dict[str, dict]) -> str:
@@ -258,11 +333,15 @@ def format_metrics_table(columns: dict[str, dict]) -> str:
     names = list(columns)
     widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
     keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    lines = [f"{'metric':<12}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    first = max(map(len, keys), default=6) + 2
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
     for key in keys:
-        lines.append(f"{key:<12}" + "".join(f"{format_value(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
+        lines.append(f"{key:<{first}}" + "".join(f"{format_value(columns[n].get(key)):>{w}}"
+                                                 for n, w in zip(names, widths)))
     return "\n".join(lines)
 
 
 def format_value(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # counts (vocabulary)
     return "n/a" if value is None else f"{value:.3f}"

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import yaml
 
+from .metrics import guard_warnings
 from .model import TINY
 
 # Metric ids on the Hugging Face Hub (huggingface.co/metrics) for the scores captune reports.
 HUB_METRICS = ("bleu", "meteor", "rouge", "cider")
-CARD_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
+CARD_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
 
 
 def hub_base_model(name: str) -> str | None:
@@ -80,8 +82,27 @@ def model_card(
         decoding = ", ".join(f"{k} {v}" for k, v in generation.items())
         lines += [f"COCO caption metrics (pycocoevalcap scorers) on the validation images; decoding: {decoding}.", "",
                   "| metric | value |", "| --- | --- |"]
-        lines += [f"| {k} | {metrics[k]:.4f} |" for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
+        lines += [f"| {k} | {_value(metrics[k])} |" for k in CARD_METRICS if isinstance(metrics.get(k), (int, float))]
+        lines += ["", "repeated_ngram_rate: share of captions repeating a word or a word trigram; distinct_captions: "
+                  "distinct captions / images (distinct_references: the same for the references); vocabulary: "
+                  "distinct words used."]
+        warnings = guard_warnings(metrics, images=data.get("validation_images"))
+        if warnings:
+            lines += ["", "**Warning.** " + " ".join(warnings)]
     else:
         lines.append("No validation data was given, so no metrics were computed.")
-    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", family.usage_snippet(prompt, generation), ""]
+    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", family.usage_snippet(prompt, snippet_options(generation)),
+              ""]
     return "\n".join(lines)
+
+
+def _value(value) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def snippet_options(generation: dict) -> dict:
+    """The generate() keyword arguments worth showing: options at transformers' own defaults are left out, and
+    length_penalty only scores beams."""
+    idle = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0}
+    return {k: v for k, v in generation.items() if idle.get(k, object()) != v
+            and not (k == "length_penalty" and generation.get("num_beams", 1) == 1)}

@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import CaptuneError
+from .metrics import guard_warnings
 
 log = logging.getLogger("captune")
 
@@ -29,7 +30,8 @@ GALLERY_SIZE = 12
 EXTREMES = 5
 """Best and worst examples by per-image CIDEr."""
 THUMBNAIL_PX = 224
-TABLE_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match")
+TABLE_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+                 "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
 PLOTTED_METRICS = ("bleu_4", "meteor", "rouge_l", "cider", "spice")
 LINKED_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "val_predictions_before.jsonl",
                 "val_predictions.jsonl", "best/README.md", "last/README.md")
@@ -182,7 +184,14 @@ def _metrics_section(records: list[dict], summary: dict) -> str:
         for key in keys:
             cells = "".join(f"<td>{_fmt(c.get(key))}</td>" for c in columns.values())
             out.append(f"<tr><th>{_e(key)}</th>{cells}</tr>")
-        out.append("</table><p class=note>pycocoevalcap scorers; METEOR only at the final validation (Java).</p>")
+        out.append("</table><p class=note>pycocoevalcap scorers; METEOR only at the final validation (Java). "
+                   "repeated_ngram_rate: share of captions repeating a word or a word trigram; distinct_captions: "
+                   "distinct captions / images (distinct_references: the same for the references); vocabulary: "
+                   "distinct words used.</p>")
+        images = (summary.get("data") or {}).get("validation_images")
+        judged = summary.get("final_metrics") or (validations[-1] if validations else {})
+        for warning in guard_warnings(judged, images=images):
+            out.append(f"<p class=warning><b>Warning:</b> {_e(warning)}</p>")
     else:
         out.append("<p>No validation metrics (the run had no validation data).</p>")
     out.append("</section>")
@@ -335,6 +344,7 @@ td{font-variant-numeric:tabular-nums}.note{color:#666;font-size:.9em}
 .thumb{width:160px;height:auto;display:block;margin:auto}.px{image-rendering:pixelated}
 .noimg{width:160px;height:96px;margin:auto;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 .id{color:#777;font-size:.8em;word-break:break-all}.before{color:#a33}.after{color:#262}.score{color:#777;font-size:.85em}
+.warning{background:#fff4e0;border-left:4px solid #e08a00;padding:.5em .8em}
 pre{background:#f6f6f6;padding:.8em;overflow:auto}ul.skipped{max-height:20em;overflow:auto}
 """
 

@@ -105,6 +105,8 @@ class CaptionResponse(BaseModel):
     seconds: float
 
 
+PAGE_OPTIONS = ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size", "length_penalty")
+"""Numeric options the web page shows, prefilled with the model directory's recorded decoding."""
 ERROR_SCHEMA = {"content": {"application/json": {"example": {"error": "what was wrong with the request"}}}}
 
 
@@ -141,8 +143,7 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        defaults = json.dumps({"num_beams": captioner.defaults.num_beams,
-                               "max_new_tokens": captioner.defaults.max_new_tokens,
+        defaults = json.dumps({**{name: getattr(captioner.defaults, name) for name in PAGE_OPTIONS},
                                "max_images": limits.max_images, "max_bytes": limits.max_upload_bytes})
         return HTMLResponse(PAGE.replace("__DEFAULTS__", defaults), headers={"Content-Security-Policy": PAGE_CSP})
 
@@ -166,6 +167,9 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
         top_p: float | None = Form(None, gt=0, le=1, description="nucleus mass when sampling"),
         temperature: float | None = Form(None, gt=0, le=10, description="softmax temperature when sampling"),
         repetition_penalty: float | None = Form(None, ge=1, le=10, description=">1 discourages repeats"),
+        no_repeat_ngram_size: int | None = Form(None, ge=0, le=MAX_TOKENS,
+                                                description="forbid token n-grams of this size from repeating (0 = off)"),
+        length_penalty: float | None = Form(None, ge=-10, le=10, description="beam search: >1 favours longer captions"),
     ):
         """Caption the uploaded images; the reply lists one caption per image, in upload order."""
         started = time.perf_counter()
@@ -173,7 +177,9 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
             raise UploadRejected(413, f"{len(images)} images in one request; the limit is {limits.max_images}")
         overrides = {k: v for k, v in dict(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                               min_new_tokens=min_new_tokens, do_sample=do_sample, top_p=top_p,
-                                              temperature=temperature, repetition_penalty=repetition_penalty).items()
+                                              temperature=temperature, repetition_penalty=repetition_penalty,
+                                              no_repeat_ngram_size=no_repeat_ngram_size,
+                                              length_penalty=length_penalty).items()
                      if v is not None}
         try:
             options = captioner.options(**overrides)

@@ -40,6 +40,9 @@ PAGE = """<!doctype html>
     <legend>Generation</legend>
     <label class="opt">Beams <input id="num_beams" type="number" min="1" max="8"></label>
     <label class="opt">Max tokens <input id="max_new_tokens" type="number" min="1" max="128"></label>
+    <label class="opt">Repetition penalty <input id="repetition_penalty" type="number" min="1" max="10" step="0.1"></label>
+    <label class="opt">No-repeat n-gram <input id="no_repeat_ngram_size" type="number" min="0" max="128"></label>
+    <label class="opt">Length penalty <input id="length_penalty" type="number" min="-10" max="10" step="0.1"></label>
     <label class="opt">Sampling <input id="do_sample" type="checkbox"></label>
     <label class="opt">Top-p <input id="top_p" type="number" min="0.05" max="1" step="0.05" value="0.9"></label>
     <label class="opt">Temperature <input id="temperature" type="number" min="0.1" max="10" step="0.1" value="1"></label>
@@ -51,8 +54,8 @@ PAGE = """<!doctype html>
 <script>
 const DEFAULTS = __DEFAULTS__;
 const $ = (id) => document.getElementById(id);
-$("num_beams").value = DEFAULTS.num_beams;
-$("max_new_tokens").value = DEFAULTS.max_new_tokens;
+const NUMERIC = ["num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_ngram_size", "length_penalty"];
+for (const name of NUMERIC) $(name).value = DEFAULTS[name];
 let lastFiles = [];
 
 function setStatus(text, isError) {
@@ -67,8 +70,7 @@ async function caption(files) {
   $("again").disabled = false;
   const form = new FormData();
   for (const f of files) form.append("images", f, f.name);
-  form.append("num_beams", $("num_beams").value);
-  form.append("max_new_tokens", $("max_new_tokens").value);
+  for (const name of NUMERIC) form.append(name, $(name).value);
   if ($("do_sample").checked) {
     form.append("do_sample", "true");
     form.append("top_p", $("top_p").value);

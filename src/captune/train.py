@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import logging
 import math
@@ -30,15 +32,18 @@ from .errors import CaptuneError
 from .evaluate import evaluate
 from .files import truncate_lines, write_json, write_jsonl
 from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
-from .generate import GenerationOptions
+from .generate import RECORDED_OPTIONS, GenerationOptions
+from .metrics import guard_warnings
 from .model import load_model_and_processor
 from .modelcard import model_card
 from .models import family_defaults, family_of
-from .models.common import caption_loss
+from .models.common import caption_loss, caption_loss_sum, target_tokens
 from .report import write_report
+from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
 
-__all__ = ["TrainResult", "caption_loss", "eval_options", "save_model", "selection_score", "train"]
+__all__ = ["TrainResult", "accumulation_windows", "caption_loss", "caption_loss_sum", "eval_options", "save_model",
+           "selection_score", "target_tokens", "train", "window_tokens"]
 
 log = logging.getLogger("captune")
 
@@ -98,6 +103,27 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def accumulation_windows(batches, size: int):
+    """Consecutive lists of `size` batches (the last of an epoch may be shorter): one optimizer step each.
+
+    A resumed epoch starts on a window boundary (checkpoints are taken after optimizer steps), so windows line up
+    with the uninterrupted run's. Holding a window's batches at once costs `size - 1` batches of memory.
+    """
+    iterator = iter(batches)
+    while window := list(itertools.islice(iterator, size)):
+        yield window
+
+
+def window_tokens(accelerator, window: list[dict], family) -> torch.Tensor:
+    """Caption tokens of the whole accumulation window (the family's `target_tokens`), summed over its
+    micro-batches and every process.
+
+    The loss of an optimizer step is the mean over these tokens (see `backward_window`); one all-reduce a window.
+    """
+    local = torch.stack([family.target_tokens(batch) for batch in window]).sum().to(accelerator.device)
+    return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+
+
 def eval_options(cfg: Config) -> GenerationOptions:
     """How validation decodes (the family's defaults where cfg leaves eval options unset)."""
     if None in (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens):
@@ -105,6 +131,8 @@ def eval_options(cfg: Config) -> GenerationOptions:
     return GenerationOptions(
         num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
         min_new_tokens=cfg.eval.min_new_tokens, prompt=cfg.data.prompt,
+        repetition_penalty=cfg.eval.repetition_penalty, no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+        length_penalty=cfg.eval.length_penalty,
     )
 
 
@@ -164,16 +192,18 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
                             normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
     )
     workers = cfg.data.num_workers
+    # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
+    generator = torch.Generator()
     if isinstance(items, IterableDataset):
         # Not persistent: a stream's workers must be re-created each epoch to see its new epoch number (seeding).
         loader = DataLoader(items, batch_size=batch_size, collate_fn=collator, num_workers=workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=generator)
         return items, prepare_data_loader(loader, device=accelerator.device, num_processes=1, process_index=0,
                                           put_on_device=True, dispatch_batches=False), None
     # Data order is a function of (seed, epoch) alone, so a resumed run replays the interrupted epoch's order.
     sampler = EpochSampler(len(items), cfg.train.seed, groups=items.groups())
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
-                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), generator=generator)
     return items, loader, sampler
 
 
@@ -340,7 +370,6 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
 
     vision = family.vision_tower(accelerator.unwrap_model(model))  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
-    loss_sum, micro = torch.zeros((), device=accelerator.device), 0
     model.train()
     bar = tqdm(total=total_steps, initial=run.step, desc="training", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -353,23 +382,19 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                     items.set_epoch(epoch)
                 else:
                     sampler.set_order(epoch)
+                seed_loader(loader.generator, t.seed, epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
-                for batch in batches:
-                    state["batch"] += 1
-                    _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    # A batch with no usable pair still runs (a zero-loss placeholder, see CaptionCollator): every
-                    # process must take part in each step's collectives.
-                    pairs = batch.pop("pairs")
-                    loss = _forward_backward(run, batch, vision)
-                    if pairs:
-                        loss_sum, micro = loss_sum + loss.detach(), micro + 1
+                for window in accumulation_windows(batches, t.grad_accum):
+                    for batch in window:
+                        _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
+                    loss_sum, tokens, pairs = backward_window(
+                        accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                        epoch=epoch, first_batch=state["batch"])
+                    state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
                     run.step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
-                    loss_value, bad, signalled = _agree(accelerator, loss_sum, micro, stop.requested is not None)
-                    loss_sum, micro = torch.zeros_like(loss_sum), 0
+                    loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
                     lr = _optimizer_step(run, loss_value, bad, epoch)
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
@@ -414,8 +439,7 @@ def run_settings(cfg: Config) -> dict:
     """What best/ and last/ record in captune.json: the base model, and how validation decoded."""
     return {"base_model": cfg.model.name, "base_seed": cfg.train.seed, "mode": cfg.train.mode,
             "prompt": cfg.data.prompt, "max_caption_tokens": cfg.data.max_caption_tokens,
-            "generation": {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens,
-                           "min_new_tokens": cfg.eval.min_new_tokens}}
+            "generation": {name: getattr(cfg.eval, name) for name in RECORDED_OPTIONS}}
 
 
 def _data_counts(cfg: Config, data, validation: list) -> dict:
@@ -433,12 +457,42 @@ def _restore(run: Run, checkpoint: Path) -> None:
              run.state["batch"])
 
 
-def _forward_backward(run: Run, batch: dict, vision) -> torch.Tensor:
-    """One micro-batch: the family's loss, backward inside Accelerate's accumulation window."""
-    with run.accelerator.accumulate(run.model), share_images(vision, batch.get("image_index")):
-        loss = run.family.loss(run.model, batch, label_smoothing=run.cfg.train.label_smoothing)
-        run.accelerator.backward(loss)
-    return loss
+def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,
+                    first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over one accumulation window, gradients synchronised after its last micro-batch.
+
+    The step's loss is the mean over every caption token of the window on every process (the fix transformers'
+    Trainer made in 2024 for gradient accumulation): each micro-batch's token losses are summed (the family's
+    `loss_sum`) and divided by the window's total, so a short last window is not scaled down, a placeholder batch
+    (no usable pair, see CaptionCollator: it still runs, as every process must take part in each step's
+    collectives) weighs nothing, and a long caption weighs what it would in one big batch. DDP averages gradients
+    over processes and `accelerator.backward` divides by grad_accum (always, even for a short window): the scale
+    below undoes both.
+
+    Args:
+        vision: the unwrapped vision tower (grouped batches repeat its output rows, see speed.share_images).
+        first_batch: the epoch position of the window's first micro-batch (seeds its dropout).
+
+    Returns:
+        (this process's summed token loss, detached; the window's caption tokens on all processes; usable pairs).
+    """
+    family = family_of(model)
+    tokens = window_tokens(accelerator, window, family)
+    scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
+    loss_sum, pairs = torch.zeros((), device=accelerator.device), 0
+    for position, batch in enumerate(window):
+        pairs += batch.pop("pairs")
+        # The window is known up front, so the sync point is set here rather than by `accelerator.accumulate`, whose
+        # end-of-loader detection fires as soon as the epoch's last batch is fetched, i.e. early in a prefetched
+        # window. The prepared optimizer steps only when this is True.
+        accelerator.sync_gradients = position == len(window) - 1
+        seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
+        with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
+              share_images(vision, batch.get("image_index"))):
+            loss = family.loss_sum(model, batch, label_smoothing=label_smoothing)
+            accelerator.backward(loss * scale)
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum, tokens, pairs
 
 
 def _optimizer_step(run: Run, loss_value: float | None, bad: bool, epoch: int) -> float:
@@ -511,6 +565,8 @@ def _validate(run: Run, epoch: int, final: bool = False) -> None:
                             step=step)
         write_jsonl(run.output / "val_predictions.jsonl", result.predictions)
         log.info("step %d validation: %s", step, _format_metrics(result.metrics))
+        for warning in guard_warnings(result.metrics, images=len(result.predictions)):
+            log.warning("step %d validation: %s", step, warning)
         if improved:
             save_model(run.accelerator.unwrap_model(run.model), run.processor, run.output / "best", run.settings,
                        _card(run, result.metrics, step))
@@ -554,15 +610,16 @@ def _finish(run: Run) -> TrainResult:
                        final_metrics=run.final_metrics)
 
 
-def _agree(accelerator, loss_sum: torch.Tensor, micro: int, stop: bool) -> tuple[float | None, bool, bool]:
-    """(mean loss over the step's real micro-batches on every process, or None when there were none; any loss
-    non-finite; any process asked to stop): one device sync a step."""
-    local = torch.stack([loss_sum.float(), torch.tensor(float(micro), device=loss_sum.device),
-                         (~torch.isfinite(loss_sum)).float(), torch.tensor(float(stop), device=loss_sum.device)])
+def _agree(accelerator, loss_sum: torch.Tensor, tokens: torch.Tensor, stop: bool) -> tuple[float | None, bool, bool]:
+    """(the step's loss: summed token losses over the window's `tokens` on all processes, or None when there were
+    none; any loss non-finite; any process asked to stop): one device sync a step."""
+    local = torch.stack([loss_sum.float(), (~torch.isfinite(loss_sum)).float(),
+                         torch.tensor(float(stop), device=loss_sum.device)])
     if accelerator.num_processes > 1:
         every = accelerator.gather(local.unsqueeze(0))
-        local = torch.stack([every[:, 0].sum(), every[:, 1].sum(), every[:, 2].max(), every[:, 3].max()])
-    total, count, bad, signalled = local.tolist()
+        local = torch.stack([every[:, 0].sum(), every[:, 1].max(), every[:, 2].max()])
+    total, bad, signalled = local.tolist()
+    count = int(tokens.item())
     return (total / count if count else None), bad > 0, signalled > 0
 
 

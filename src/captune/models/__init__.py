@@ -41,17 +41,22 @@ The contract every family module (`models/<family>.py`) implements, as plain mod
         tensor the family's `loss` needs (never `token_type_ids` or other keys `generate()` refuses, unless `loss`
         and `generate` deal with them). `labels` has the shape of `input_ids` and is -100 at padding, at every
         prompt position, at image placeholder tokens and at the first position; elsewhere it equals `input_ids`
-        (unshifted: the loss compares position t's logits with label t+1). The first input token is exactly the one
+        (unshifted: position t's logits predict label t+1), unless the family's `loss_sum` and `target_tokens` say
+        otherwise (an encoder-decoder's labels are decoder targets). The first input token is exactly the one
         `generate()` starts decoding from (`start_token_id`), so training never conditions on a context inference
         never sees. An empty caption ("") must tokenize (it is the all-ignored placeholder row).
     start_token_id(processor) -> int
         The first token of every decoded caption (BLIP: bos [DEC]).
-    loss(model, batch: dict, *, label_smoothing: float) -> torch.Tensor
-        The mean next-token cross entropy over label positions != -100 (0, not NaN, when there are none), from a
-        batch `tokenize` + `pixel_values` built (moved to the model's device; "image_index" may be present, see
-        `vision_tower`). `model` may be wrapped (DDP, peft): call it, never its submodules, so gradient hooks run.
-        Computed from the logits (`caption_loss`) rather than the model's own loss so label smoothing is a
-        training option; with label_smoothing=0 it must equal the model's own loss where the model computes one.
+    target_tokens(batch: dict) -> torch.Tensor
+        The number (0-d integer tensor) of label positions `loss_sum` sums over, from the batch alone (before any
+        forward: gradient accumulation divides a window's summed loss by its total, see train.backward_window).
+    loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor
+        The next-token cross entropy summed (not averaged) over the target positions, from a batch `tokenize` +
+        `pixel_values` built (moved to the model's device; "image_index" may be present, see `vision_tower`).
+        0 when there are none. `model` may be wrapped (DDP, peft): call it, never its submodules, so gradient hooks
+        run. Computed from the logits (`common.caption_loss_sum` for causal decoders) rather than the model's own
+        loss so label smoothing is a training option; with label_smoothing=0, `common.mean_loss` (loss_sum /
+        target_tokens) must equal the model's own loss where the model computes one.
     generate(model, processor, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]
         One caption per image row: decoding starts from `start_token_id` (plus the prompt's tokens when
         options.prompt is set), the prompt and special tokens are removed and whitespace stripped. `model` is

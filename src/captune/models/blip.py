@@ -22,7 +22,7 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from ..errors import CaptuneError
 from .blip_sdpa import beam_search_cache, sdpa_forward  # noqa: F401  (sdpa_forward is part of the contract)
-from .common import IGNORE_INDEX, caption_loss, first_line
+from .common import IGNORE_INDEX, caption_loss_sum, first_line, target_tokens as _target_tokens
 
 log = logging.getLogger("captune")
 
@@ -207,10 +207,16 @@ def start_token_id(processor) -> int:
     return processor.tokenizer.bos_token_id
 
 
-def loss(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
+def target_tokens(batch: dict) -> torch.Tensor:
+    """Label positions the loss sums over: every non -100 label after the first position."""
+    return _target_tokens(batch["labels"])
+
+
+def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
+    """Summed next-token cross entropy; the decoder's logits at t predict label t + 1."""
     outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"])
-    return caption_loss(outputs.logits, batch["labels"], label_smoothing)
+    return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
 
 
 @torch.inference_mode()
