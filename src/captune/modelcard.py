@@ -12,6 +12,7 @@ import yaml
 
 from .metrics import guard_warnings
 from .model import TINY
+from .models import family_for
 
 # Metric ids on the Hugging Face Hub (huggingface.co/metrics) for the scores captune reports.
 HUB_METRICS = ("bleu", "meteor", "rouge", "cider")
@@ -38,7 +39,7 @@ def model_card(
     generation: dict,
     prompt: str = "",
     step: int | None = None,
-    family,
+    family=None,
 ) -> str:
     """Render the model card.
 
@@ -50,11 +51,13 @@ def model_card(
         generation: decoding options validation used (num_beams, max_new_tokens, min_new_tokens).
         prompt: caption prefix used in training; captions must be generated from it.
         step: optimizer step these weights are from.
-        family: the model's family module (captune.models): its name, class and plain-transformers usage.
+        family: the model's family module (captune.models): its name, class and plain-transformers usage;
+            default: the family of `base_model`.
 
     Returns:
         The README.md text.
     """
+    family = family or family_for(base_model)
     front = {"library_name": "transformers", "pipeline_tag": "image-to-text"}
     hub_id = hub_base_model(base_model)
     if hub_id:
