@@ -259,11 +259,14 @@ def load_captune_settings(name: str) -> dict:
 
 
 def family_defaults(name: str) -> dict:
-    """The config defaults of the family `name` belongs to (a preset's own, a LoRA adapter's base's)."""
+    """The config defaults of the family `name` belongs to: a preset's own, also for a directory captune trained
+    from a preset (captune.json's base_model; a fine-tuned tiny model is still tiny), a LoRA adapter's base's."""
     family = family_for(name)
     path = Path(name).expanduser()
     if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
         name, _ = base_of_adapter(path)
+    elif path.is_dir() and load_captune_settings(str(path)).get("base_model") in PRESETS:
+        name = load_captune_settings(str(path))["base_model"]
     return family.defaults(name)
 
 
