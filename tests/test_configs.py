@@ -45,7 +45,8 @@ def test_coco_karpathy_recipe_is_the_papers():
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (1e-5, 0.05, 5)
     assert cfg.train.batch_size * cfg.train.grad_accum == 256
     assert cfg.data.prompt == "a picture of " and cfg.train.label_smoothing == 0.1
-    assert (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens) == (3, 20, 5)
+    # BLIP's min_length 5 / max_length 20 count the 4 positions of [DEC] + "a picture of": 1 to 16 new tokens.
+    assert (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens) == (3, 16, 1)
     assert cfg.train.best_metric == "cider+bleu_4"
     assert cfg.data.path == "/data/coco/dataset_coco.json"
 

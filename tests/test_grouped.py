@@ -32,7 +32,9 @@ def test_sampler_keeps_each_images_captions_together():
     orders = []
     for epoch in range(4):
         sampler.set_order(epoch)
-        order = list(sampler)
+        keys = list(sampler)
+        assert {e for e, _ in keys} == {epoch}  # the epoch travels with each index (to persistent workers)
+        order = [index for _, index in keys]
         assert sorted(order) == list(range(9))
         chunks, at = [], 0
         while at < len(order):
@@ -85,7 +87,7 @@ def test_grouped_pairs_decode_each_image_once(monkeypatch):
 
     decoded = []
     real = collate.decode_image
-    monkeypatch.setattr(collate, "decode_image", lambda sample, options: decoded.append(sample.id) or real(sample, options))
+    monkeypatch.setattr(collate, "decode_image", lambda sample, options, rng=None: decoded.append(sample.id) or real(sample, options, rng))
     items = training_dataset(samples([3, 2]), caption_sampling="grouped")
     sampler = EpochSampler(len(items), seed=1, groups=items.groups())
     batches = list(DataLoader(items, batch_size=5, sampler=sampler, collate_fn=lambda b: b))

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -28,17 +29,21 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A 6-step tiny run through the CLI (Java-less scoring: METEOR's JVM start would triple its time)."""
+    """A 6-step tiny run through the CLI (Java-less scoring: METEOR's JVM start would triple its time), logging
+    every 4th step, on data that is a git repository."""
     from captune.data.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("report")
     data = make_synthetic(root / "data", n_train=48, n_val=N_VAL)
+    git = ["git", "-C", str(data), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "data"]):
+        subprocess.run(git + args, check=True)
     out = root / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("captune.metrics.shutil.which", lambda name: None)
         code = cli.main(["-q", "train", "--model", "tiny", "--data", str(data), "--output", str(out), "--epochs", "2",
                          "--batch-size", "16", "--lr", "1e-3", "--num-workers", "0", "--prompt", PROMPT,
-                         "--set", "train.log_every_steps=1", "--set", "eval.num_beams=1",
+                         "--set", "train.log_every_steps=4", "--set", "eval.num_beams=1",
                          "--set", "eval.max_new_tokens=6", "--set", "eval.min_new_tokens=0"])
     assert code == 0
     return out
@@ -109,7 +114,7 @@ def test_report_references_only_existing_files_and_no_network(run):
 def test_report_shows_config_metrics_captions_and_ranked_examples(run):
     page = (run / "report.html").read_text(encoding="utf-8")
     assert "eval:" in page and "caption_before: true" in page  # the resolved config.yaml, verbatim
-    assert "before fine-tuning" in page and "final (step 6)" in page
+    assert "base model (before fine-tuning, step 0)" in page and "last/ (step 6)" in page
     before = _jsonl(run / "val_predictions_before.jsonl")
     after = _jsonl(run / "val_predictions.jsonl")
     import html
@@ -123,6 +128,125 @@ def test_report_shows_config_metrics_captions_and_ranked_examples(run):
     assert len(best_ids) == len(worst_ids) == 5
     assert min(cider[i] for i in best_ids) >= max(cider[i] for i in worst_ids)
     assert [cider[i] for i in best_ids] == sorted(cider.values(), reverse=True)[:5]
+
+
+def test_best_and_worst_cards_show_their_references(run):
+    page = (run / "report.html").read_text(encoding="utf-8")
+    examples = page.split("<h2>Best and worst examples</h2>")[1].split("</section>")[0]
+    cards = examples.split("<div class=card>")[1:]
+    assert len(cards) == 10 and "<details" not in examples  # nothing folded away
+    after = {r["id"]: r for r in _jsonl(run / "val_predictions_best.jsonl")}
+    import html
+
+    for card in cards:
+        record = after[re.search(r"<p class=id>([^<]+)</p>", card).group(1)]
+        references = card.split("<div class=refs>")[1]
+        assert all(f"<li>{html.escape(r)}</li>" in references for r in record["references"])
+
+
+def test_gallery_shows_best_and_every_caption_names_its_model(run, tmp_path):
+    summary = json.loads((run / "summary.json").read_text())
+    best = _jsonl(run / "val_predictions_best.jsonl")
+    # The best/ captions are what best/ really writes, decoded as `captune eval RUN/best` decodes.
+    settings = json.loads((run / "best" / "captune.json").read_text())
+    model, processor = load_model_and_processor(str(run / "best"))
+    options = GenerationOptions(prompt=settings["prompt"], **settings["generation"])
+    images = [Image.open(r["image"]) for r in best]
+    assert caption_images(model.eval(), processor, images, options) == [r["prediction"] for r in best]
+
+    # A run whose last validation is not its best: the page must show best/'s captions, under best/'s name.
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("best", "last", "checkpoints", "plots"))
+    last = [{**r, "prediction": "a caption of the last model"} for r in best]
+    (copy / "val_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in last))
+    summary["best_step"] = 3
+    (copy / "summary.json").write_text(json.dumps(summary))
+    page = report.write_report(copy).read_text(encoding="utf-8")
+    gallery = page.split("<h2>Validation gallery</h2>")[1].split("</section>")[0]
+    assert "a caption of the last model" not in page
+    assert gallery.count("<b>best/ (step 3):</b>") == min(report.GALLERY_SIZE, N_VAL)
+    assert gallery.count("<b>base model:</b>") == min(report.GALLERY_SIZE, N_VAL)
+    metrics = page.split("<h2>Summary</h2>")[1].split("</section>")[0]
+    assert "<th>best/ (step 3)</th>" in metrics and "<th>last/ (step 6)</th>" in metrics
+
+
+def test_cider_is_plotted_on_its_own_axis(run, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(report, "_plot", lambda path, panels: drawn.setdefault(path.name, panels) and path)
+    report.make_plots(report.read_jsonl(run / "metrics.jsonl"), tmp_path, loss_floor=1.36)
+    (scores, cider) = drawn["validation.png"]
+    assert "cider" not in scores[2] and {"bleu_4", "rouge_l"} <= set(scores[2]) and "0-1" in scores[1]
+    assert list(cider[2]) == ["cider"] and "0-10" in cider[1]
+    (loss_panel,) = drawn["loss.png"]
+    assert set(loss_panel[2]) == {"training", "validation"} and loss_panel[3] == {"floor": 1.36}
+
+
+def test_last_training_step_is_always_logged(run):
+    train = [r for r in _jsonl(run / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 4, 6]  # log_every_steps=4 and 6 steps: 6 too
+    assert train[-1]["lr"] < train[-2]["lr"]  # the cosine is seen to come down
+
+
+def test_report_states_the_runs_facts(run):
+    facts = json.loads((run / "summary.json").read_text())["run"]
+    import accelerate
+    import torch
+    import transformers
+
+    assert facts["versions"]["torch"] == torch.__version__ and facts["versions"]["accelerate"] == accelerate.__version__
+    assert facts["device"] == "cpu" and facts["precision"] == "no" and facts["processes"] == 1
+    assert 0 < facts["train_seconds"] < facts["wall_seconds"] and facts["samples_per_s"] > 0
+    assert facts["peak_memory"]["bytes"] > 100 * 2**20
+    commit = subprocess.run(["git", "-C", str(run.parent / "data"), "rev-parse", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert facts["data_git"] == {"commit": commit, "dirty": False}
+    page = (run / "report.html").read_text(encoding="utf-8")
+    section = page.split("<h2>Run</h2>")[1].split("</section>")[0]
+    for text in (commit, f"transformers {transformers.__version__}", "peft ", "captune ", "cpu, no (fp32)",
+                 "pairs/s", "GiB", "wall time"):
+        assert text in section, text
+
+
+def test_validation_loss_is_the_training_objective_on_validation_captions(run):
+    from captune.data import build_dataset
+    from captune.data.collate import CaptionCollator, CaptionPairs
+    from captune.train import batch_loss_sum, target_tokens
+
+    records = _jsonl(run / "metrics.jsonl")
+    checks = [r for r in records if r["split"] in ("before", "validation")]
+    assert [r["step"] for r in checks] == [0, 3, 6] and all(r["loss"] > 0 for r in checks)
+    assert checks[-1]["loss"] < checks[0]["loss"]  # training lowered it
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_step"] == 6  # so last/ holds the weights of the final validation
+    assert json.loads((run / "last" / "captune.json").read_text())["step"] == 6  # what `serve` shows
+    # Recomputed independently: last/ on every validation caption, one batch, the loss per caption token.
+    model, processor = load_model_and_processor(str(run / "last"))
+    validation = build_dataset(str(run.parent / "data")).validation
+    batch = CaptionCollator(processor, 40, PROMPT)([CaptionPairs(validation)[i] for i in range(N_VAL)])
+    batch.pop("pairs")
+    import torch
+
+    with torch.no_grad():
+        expected = (batch_loss_sum(model.eval(), batch, 0.1) / target_tokens(batch["labels"])).item()
+    assert abs(checks[-1]["loss"] - expected) < 1e-3
+    page = (run / "report.html").read_text(encoding="utf-8")
+    assert "<th>validation loss</th>" in page and "label smoothing 0.1" in page and "below 1.36" in page
+
+
+def test_loss_floor_is_the_smallest_label_smoothed_loss():
+    import torch
+    import torch.nn.functional as F
+
+    from captune.runinfo import loss_floor
+
+    vocab, smoothing = 50, 0.1
+    target = torch.full((vocab,), smoothing / vocab)
+    target[3] += 1 - smoothing
+    best = F.cross_entropy(target.log().unsqueeze(0), torch.tensor([3]), label_smoothing=smoothing).item()
+    assert abs(loss_floor(smoothing, vocab) - best) < 1e-5
+    for logits in (torch.randn(1, vocab) * 5, torch.eye(vocab)[3:4] * 30):  # anything else is higher
+        assert F.cross_entropy(logits, torch.tensor([3]), label_smoothing=smoothing).item() > best
+    assert loss_floor(0.0, vocab) == 0.0 and round(loss_floor(0.1, 30524), 2) == 1.36
 
 
 def test_report_command_rebuilds_it(run, capsys):
@@ -213,12 +337,16 @@ def test_chromium_renders_plots_and_gallery(run, tmp_path):
             page.goto((run / "report.html").resolve().as_uri())
             page.wait_for_load_state("load")
             sizes = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.className])")
+            # The best/worst cards' references are on screen without a click.
+            references = page.locator(".refs li")
+            assert references.count() >= 10 and references.first.is_visible()
+            assert page.locator("table.facts").is_visible() and page.locator("#loss-note").is_visible()
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
     assert len(sizes) == expected_images(N_VAL)
     assert all(complete and width > 0 for complete, width, _ in sizes)
-    assert sum(cls == "plot" for *_, cls in sizes) == 3
+    assert sum(cls.startswith("plot") for *_, cls in sizes) == 3
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
         assert image.height > 2000  # plots and gallery laid out, not an error page

@@ -38,6 +38,43 @@ def test_health_page_and_openapi(client):
     assert {"images", "num_beams", "max_new_tokens", "do_sample"} <= set(fields)
 
 
+def test_health_names_the_model_and_answers_head(client, tiny_model_dir):
+    health = client.get("/health").json()
+    assert health["model"] == str(tiny_model_dir) and health["family"] == "blip" and health["step"] is None
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_each_request_is_logged_in_one_line(client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="captune"):
+        assert client.post("/v1/caption", files=[upload("a.png")]).status_code == 200
+        assert client.post("/v1/caption", files=[upload("notes.txt", b"hi", "text/plain")]).status_code == 415
+        assert client.head("/health").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.name == "captune"]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("POST /v1/caption 200 ") and lines[0].endswith(" 127.0.0.1")
+    assert lines[1].startswith("POST /v1/caption 415 ") and lines[2].startswith("HEAD /health 200 ")
+
+
+def test_health_reports_the_step_a_trained_model_was_saved_at(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from captune import Captioner
+    from captune.serve import create_app
+
+    model = tmp_path / "best"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "captune.json").write_text(json.dumps({"step": 12, "generation": {"num_beams": 1}}))
+    with TestClient(create_app(Captioner.load(model, device="cpu"))) as local:
+        assert local.get("/health").json()["step"] == 12
+        assert '"step": 12' in local.get("/").text  # the page's model line gets it too
+
+
 def test_caption_several_images_matches_python_api(client, tiny_model_dir):
     from captune import Captioner
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} is absent: apt-get install -y chromium")
 
 
-def test_page_uploads_an_image_and_shows_its_caption(live_server, tmp_path):
+def test_page_uploads_an_image_and_shows_its_caption(live_server, tiny_model_dir, tmp_path):
     import httpx
     from playwright.sync_api import sync_playwright
 
@@ -38,19 +38,36 @@ def test_page_uploads_an_image_and_shows_its_caption(live_server, tmp_path):
             page.goto(live_server.url + "/")
             assert page.input_value("#num_beams") == "1" and page.input_value("#max_new_tokens") == "5"
             page.set_input_files("#file", str(image))
-            caption = page.locator("#results .caption").first
+            caption = page.locator("#results .caption:not(.pending)").first
             caption.wait_for(timeout=30_000)
             assert caption.text_content() == expected
             assert "red.png (96x72)" in page.locator("#results").text_content()
             assert "Done" in page.locator("#status").text_content()
-            page.screenshot(path=str(tmp_path / "page.png"))
+            # The page names the model the server runs.
+            model = page.locator("#model").text_content()
+            assert str(tiny_model_dir) in model and "blip" in model and "not int8" in model and "cpu" in model
 
-            # A rejected upload shows the server's message instead of a caption.
+            # A drop mixing good and bad files: each good file keeps its caption, each bad one shows its error.
             bad = tmp_path / "notes.png"
             bad.write_text("not an image")
+            text = tmp_path / "README.txt"
+            text.write_text("read me")
+            page.set_input_files("#file", [str(bad), str(image), str(text)])
+            page.locator("#status", has_text="2 failed").wait_for(timeout=30_000)  # (the page's CSP forbids eval)
+            rows = page.locator("#results li")
+            assert rows.count() == 3
+            assert "notes.png" in rows.nth(0).text_content() and "not a supported image" in rows.nth(0).text_content()
+            assert rows.nth(1).locator(".caption").text_content() == expected
+            assert "README.txt" in rows.nth(2).text_content() and "text/plain" in rows.nth(2).text_content()
+            assert rows.nth(0).locator(".caption.error").is_visible() and rows.nth(2).locator(".caption.error").count() == 1
+            status = page.locator("#status").text_content()
+            assert "1 captioned, 2 failed" in status and "error" not in (page.locator("#status").get_attribute("class") or "")
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+            # Every file bad: the status line turns into an error too.
             page.set_input_files("#file", str(bad))
             page.locator("#status.error").wait_for(timeout=30_000)
-            assert "not a supported image" in page.locator("#status").text_content()
+            assert "0 captioned, 1 failed" in page.locator("#status").text_content()
             assert failed_requests == []
         finally:
             browser.close()

@@ -26,7 +26,8 @@ from .speed import quantize_int8, require_cpu_for_int8
 
 # What `caption` accepts per image: a decoded image, a file path, or the encoded file's bytes.
 ImageInput = Union[Image.Image, str, Path, bytes]
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+# num_return_sequences is left out: `caption` promises one caption per image.
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GenerationOptions) if f.name != "num_return_sequences")
 
 
 class Captioner:

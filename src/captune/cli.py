@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
+    train.add_argument("--objective", choices=["ce", "scst"],
+                       help="ce: cross-entropy on the references (default); scst: self-critical sequence training, "
+                       "a second stage from a cross-entropy model (--model RUN/best) that optimises CIDEr-D")
+    train.add_argument("--scst-samples", type=int, help="SCST: captions sampled per image (default 5)")
+    train.add_argument("--scst-baseline", choices=["mean", "greedy"],
+                       help="SCST: reward baseline, the mean of the image's other samples (default) or the greedy "
+                       "caption's")
     _guard_flags(train.add_argument_group("validation decoding (recorded in captune.json)"), "")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config key, e.g. --set train.label_smoothing=0 (repeatable)")
@@ -250,7 +257,9 @@ def train_overrides(args) -> dict:
         ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
         ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
         ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
-        ("train", "compile"): args.compile, ("eval", "repetition_penalty"): args.repetition_penalty,
+        ("train", "compile"): args.compile, ("train", "objective"): args.objective,
+        ("train", "scst_samples"): args.scst_samples, ("train", "scst_baseline"): args.scst_baseline,
+        ("eval", "repetition_penalty"): args.repetition_penalty,
         ("eval", "no_repeat_ngram_size"): args.no_repeat_ngram_size, ("eval", "length_penalty"): args.length_penalty,
     }
     values: dict = {}

@@ -151,6 +151,16 @@ class TrainConfig:
     minute or more up front; measured no faster on the 2-core CPU (benchmarks/RESULTS.md), unmeasured on GPUs."""
     fused_adamw: bool = True
     """AdamW's fused kernel (one kernel per step over all parameters; CUDA and CPU)."""
+    objective: Literal["ce", "scst"] = "ce"
+    """`ce`: cross-entropy on the reference captions. `scst`: self-critical sequence training (Rennie et al. 2017), a
+    second stage from a cross-entropy fine-tuned model (--model RUN/best): sampled captions rewarded by their CIDEr-D
+    against the image's references (document frequencies from the training captions), see captune/scst.py.
+    batch_size then counts images, each sampled scst_samples times."""
+    scst_samples: int = 5
+    """SCST: captions sampled per image (k)."""
+    scst_baseline: Literal["mean", "greedy"] = "mean"
+    """SCST: what a sample's reward is compared with: the mean reward of the image's other samples (Luo 2020, no
+    extra decoding) or the reward of the greedy caption (Rennie et al. 2017, one more decoding per image)."""
 
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:
@@ -174,6 +184,12 @@ class TrainConfig:
             raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError("train.lora_targets must name at least one module (e.g. query,value)")
+        if self.objective == "scst":
+            if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
+                raise ValueError(f"train.scst_samples must be >= 2 with scst_baseline mean (the baseline is the mean "
+                                 f"of an image's other samples), got {self.scst_samples}")
+            if self.batch_size == "auto":
+                raise ValueError("train.batch_size auto probes cross-entropy batches; give SCST a number of images")
         trackers = {t.strip() for t in self.report_to.split(",")}
         if not trackers <= {"auto", "none", "tensorboard", "wandb", "mlflow"}:
             raise ValueError(f"train.report_to must be auto, none, or a comma list of tensorboard, wandb, mlflow; "
@@ -187,10 +203,12 @@ class EvalConfig:
     num_beams: int | None = None
     """Beam width (1 = greedy; unset: the model family's default, 3 for BLIP as its paper)."""
     max_new_tokens: int | None = None
-    """Longest caption, in tokens after the prompt (unset: the family's default, 20 for BLIP as its paper)."""
+    """Longest caption, in tokens after the prompt ([SEP] included; unset: the model family's default). BLIP's is
+    16 = its captioning decode: max_length 20 counts [DEC] and its prompt "a picture of" (4 positions). captune
+    counts new tokens only, so a prompt never shortens the caption."""
     min_new_tokens: int | None = None
-    """Shortest caption, in tokens after the prompt (unset: the family's default, 5 for BLIP as its paper; use 0
-    for short captions)."""
+    """Shortest caption, in tokens after the prompt (unset: the model family's default). BLIP's is 1 = its
+    min_length 5 less its 4 prompt positions (0 allows an empty caption)."""
     repetition_penalty: float = 1.0
     """>1 discourages tokens already in the caption (1 = off); recorded in captune.json with the other options, so
     the saved model decodes as it was validated."""

@@ -28,6 +28,9 @@ class GenerationOptions:
         do_sample: nucleus sampling instead of greedy/beam search.
         top_p: nucleus mass when sampling.
         temperature: softmax temperature when sampling.
+        top_k: when sampling, draw from the k likeliest tokens only (50, transformers' default; 0 = all tokens).
+        num_return_sequences: captions per image (sampling; SCST draws several). Not a `Captioner` option: callers
+            that expect one caption per image never see it.
         repetition_penalty: >1 discourages tokens already in the caption (CTRL's penalty; 1 = off).
         no_repeat_ngram_size: n > 0 forbids any token n-gram from occurring twice (3 stops "a hat on top of a hat
             on top of"; 0 = off).
@@ -42,6 +45,8 @@ class GenerationOptions:
     do_sample: bool = False
     top_p: float = 0.9
     temperature: float = 1.0
+    top_k: int = 50
+    num_return_sequences: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
@@ -54,6 +59,9 @@ class GenerationOptions:
                 f"need 0 <= min_new_tokens <= max_new_tokens and max_new_tokens >= 1, "
                 f"got min {self.min_new_tokens}, max {self.max_new_tokens}"
             )
+        if self.top_k < 0 or self.num_return_sequences < 1:
+            raise ValueError(f"need top_k >= 0 and num_return_sequences >= 1, got {self.top_k} and "
+                             f"{self.num_return_sequences}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             raise ValueError(f"need repetition_penalty > 0 and no_repeat_ngram_size >= 0, got "
                              f"{self.repetition_penalty} and {self.no_repeat_ngram_size}")
@@ -64,6 +72,7 @@ class GenerationOptions:
         if not self.do_sample:
             kwargs.pop("top_p")
             kwargs.pop("temperature")
+            kwargs.pop("top_k")
         if self.num_beams == 1:
             kwargs.pop("length_penalty")  # a beam-search score; transformers warns when it is set for greedy
         return kwargs
@@ -79,7 +88,8 @@ def caption_pixels(model, processor, pixel_values: torch.Tensor, options: Genera
         options: decoding options.
 
     Returns:
-        One caption per image, prompt removed, special tokens skipped.
+        One caption per image (options.num_return_sequences per image, image by image, when sampling several),
+        prompt removed, special tokens skipped.
     """
     return family_of(model).generate(model, processor, pixel_values, options)
 

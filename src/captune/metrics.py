@@ -228,7 +228,8 @@ def guard_warnings(metrics: dict, images: int | None = None) -> list[str]:
             f"captions have collapsed: only {distinct:.0%} of the images get a caption of their own (the references "
             f"tell {ceiling if ceiling is not None else 1.0:.0%} apart), so the model says much the same thing for "
             "every image. The usual cause is a learning rate too high for the data (or too many epochs on a small "
-            "set): lower train.lr (e.g. by 10x) and compare with the captions from before fine-tuning.")
+            "set): lower train.lr (e.g. by 10x) and compare with the captions from before fine-tuning. Early in "
+            "training a model that has not yet learnt to tell the images apart does the same.")
     rate = metrics.get("repeated_ngram_rate")
     if isinstance(rate, (int, float)) and rate >= REPEAT_RATE:
         out.append(

@@ -1,7 +1,9 @@
 """`captune serve`: a web page and a JSON HTTP API over a Captioner, with requests batched on the model.
 
-Routes: `GET /` (the page), `POST /v1/caption` (multipart, one or more `images` fields), `GET /health`,
+Routes: `GET /` (the page), `POST /v1/caption` (multipart, one or more `images` fields), `GET|HEAD /health`,
 `GET /stats` (batching counters), `GET /openapi.json`. Every rejected upload gets a 4xx with `{"error": "..."}`.
+The page sends each file in a request of its own, so one bad file costs its own caption only. Every request is
+logged in one line (method, path, status, seconds, client).
 FastAPI's /docs is off: Swagger UI loads its scripts from a CDN and the server must work offline.
 """
 
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from . import __version__
 from .batching import BatchQueue
+from .model import load_captune_settings
 from .serve_page import PAGE
 from .speed import int8_quantized
 
@@ -110,9 +113,22 @@ PAGE_OPTIONS = ("num_beams", "max_new_tokens", "repetition_penalty", "no_repeat_
 ERROR_SCHEMA = {"content": {"application/json": {"example": {"error": "what was wrong with the request"}}}}
 
 
+def model_info(captioner) -> dict:
+    """What the server runs: the path or id it was loaded from, the model family, the optimizer step its weights
+    are from (captune-trained directories record it), int8 or not, and the device."""
+    try:
+        step = load_captune_settings(captioner.name).get("step")
+    except Exception:  # an unreadable captune.json was already reported at load time
+        step = None
+    config = getattr(captioner.model, "config", None)
+    return {"model": captioner.name, "family": getattr(config, "model_type", None), "step": step,
+            "int8": int8_quantized(captioner.model), "device": str(captioner.device)}
+
+
 def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
     """The ASGI app serving `captioner` (a `captune.Captioner`)."""
     limits = limits or ServeLimits()
+    info = model_info(captioner)
     queue = BatchQueue(lambda images, options: captioner.caption_decoded(images, options, batch_size=len(images)),
                        max_batch_size=limits.max_batch_size, max_wait_s=limits.batch_wait_s)
 
@@ -126,6 +142,7 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
                   description="Caption images with a fine-tuned BLIP model. POST images to /v1/caption.")
     app.state.queue = queue
     app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(AccessLog)  # outermost: also logs the 413s BodyLimit answers itself
 
     @app.exception_handler(UploadRejected)
     async def rejected(request: Request, exc: UploadRejected):
@@ -144,13 +161,16 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         defaults = json.dumps({**{name: getattr(captioner.defaults, name) for name in PAGE_OPTIONS},
-                               "max_images": limits.max_images, "max_bytes": limits.max_upload_bytes})
+                               "max_images": limits.max_images, "max_bytes": limits.max_upload_bytes,
+                               "info": info})
         return HTMLResponse(PAGE.replace("__DEFAULTS__", defaults), headers={"Content-Security-Policy": PAGE_CSP})
 
+    # HEAD too: load balancers and `curl -I` probe with it, and FastAPI answers 405 to HEAD on a GET route.
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": captioner.name, "device": str(captioner.device),
-                "int8": int8_quantized(captioner.model), "version": __version__}
+        return {"status": "ok", **info, "version": __version__}
+
+    app.head("/health", include_in_schema=False)(health)
 
     @app.get("/stats")
     async def stats():
@@ -198,6 +218,39 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
         }
 
     return app
+
+
+class AccessLog:
+    """One log line per request: `METHOD /path STATUS SECONDSs CLIENT` (uvicorn's own access log is off); the
+    seconds run to the start of the answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status, logged = time.perf_counter(), 0, False
+
+        def write() -> None:
+            nonlocal logged
+            logged = True
+            client = scope.get("client") or ("-", 0)
+            log.info("%s %s %s %.3fs %s", scope["method"], scope["path"], status or "-",
+                     time.perf_counter() - started, client[0])
+
+        async def send_logged(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                write()  # before the answer leaves (seconds to the first byte): the client never outruns its line
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            if not logged:  # the client left, or the app failed before answering
+                write()
 
 
 class BodyLimit:

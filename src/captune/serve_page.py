@@ -25,14 +25,21 @@ PAGE = """<!doctype html>
   #results { list-style: none; padding: 0; }
   #results li { display: flex; gap: 1rem; align-items: center; background: #fff; border-radius: 8px;
                 padding: .6rem; margin-bottom: .6rem; box-shadow: 0 1px 2px #0002; }
-  #results img { width: 120px; height: 120px; object-fit: contain; background: #eee; border-radius: 4px; }
+  #results img, .nopreview { width: 120px; height: 120px; flex: none; object-fit: contain; background: #eee;
+                             border-radius: 4px; }
+  .nopreview { display: flex; align-items: center; justify-content: center; color: #5b6475; font-size: .8rem; }
   .caption { font-size: 1.1rem; margin: 0; }
+  .caption.pending { color: #5b6475; font-style: italic; }
+  .caption.error { color: #b3261e; font-size: .95rem; }
+  #model { margin-top: .3rem; }
+  #model code { background: #e8ebf0; padding: 0 .25rem; border-radius: 3px; }
 </style>
 </head>
 <body>
 <main>
   <h1>captune</h1>
   <div class="muted">Drop images or pick files; each gets a caption from the model this server runs.</div>
+  <div id="model" class="muted"></div>
   <label id="drop">Drop images here or <u>choose files</u>
     <input id="file" type="file" accept="image/*" multiple>
   </label>
@@ -63,46 +70,85 @@ function setStatus(text, isError) {
   $("status").className = isError ? "error" : "";
 }
 
-async function caption(files) {
-  files = Array.from(files).slice(0, DEFAULTS.max_images);
-  if (!files.length) return;
-  lastFiles = files;
-  $("again").disabled = false;
+function describeModel(info) {
+  const parts = [info.family || "unknown family"];
+  if (info.step !== null && info.step !== undefined) parts.push("step " + info.step);
+  parts.push(info.int8 ? "int8" : "not int8", info.device);
+  const code = document.createElement("code");
+  code.textContent = info.model;
+  $("model").replaceChildren("Model: ", code, " (" + parts.join(", ") + ")");
+}
+describeModel(DEFAULTS.info);
+
+function row(file) {
+  const li = document.createElement("li");
+  const img = document.createElement("img");
+  img.src = URL.createObjectURL(file);
+  img.alt = file.name;
+  img.addEventListener("error", () => {  // not an image the browser can show: a plain box, not a broken icon
+    const box = document.createElement("div");
+    box.className = "nopreview";
+    box.textContent = "no preview";
+    img.replaceWith(box);
+  });
+  const div = document.createElement("div");
+  const p = document.createElement("p");
+  p.className = "caption pending";
+  p.textContent = "captioning...";
+  const meta = document.createElement("div");
+  meta.className = "muted";
+  meta.textContent = file.name;
+  div.append(p, meta);
+  li.append(img, div);
+  return { li, img, p, meta };
+}
+
+// One request per file: a bad file gets its error beside it and costs no other file its caption. The server
+// batches concurrent requests on the model, so this is no slower than one request with every file.
+async function captionOne(file, parts, options) {
   const form = new FormData();
-  for (const f of files) form.append("images", f, f.name);
-  for (const name of NUMERIC) form.append(name, $(name).value);
-  if ($("do_sample").checked) {
-    form.append("do_sample", "true");
-    form.append("top_p", $("top_p").value);
-    form.append("temperature", $("temperature").value);
-  }
-  setStatus("Captioning " + files.length + " image(s)...", false);
+  form.append("images", file, file.name);
+  for (const [key, value] of options) form.append(key, value);
   try {
     const reply = await fetch("/v1/caption", { method: "POST", body: form });
     const body = await reply.json().catch(() => ({ error: "the server answered " + reply.status }));
-    if (!reply.ok) { setStatus("Error: " + (body.error || reply.status), true); return; }
-    const list = $("results");
-    list.replaceChildren();
-    body.captions.forEach((item, i) => {
-      const li = document.createElement("li");
-      const img = document.createElement("img");
-      img.src = URL.createObjectURL(files[i]);
-      img.alt = item.caption;
-      const div = document.createElement("div");
-      const p = document.createElement("p");
-      p.className = "caption";
-      p.textContent = item.caption;
-      const meta = document.createElement("div");
-      meta.className = "muted";
-      meta.textContent = item.filename + " (" + item.width + "x" + item.height + ")";
-      div.append(p, meta);
-      li.append(img, div);
-      list.append(li);
-    });
-    setStatus("Done in " + body.seconds.toFixed(2) + " s.", false);
+    if (!reply.ok) throw new Error(body.error || ("the server answered " + reply.status));
+    const item = body.captions[0];
+    parts.p.className = "caption";
+    parts.p.textContent = item.caption;
+    parts.img.alt = item.caption;
+    parts.meta.textContent = item.filename + " (" + item.width + "x" + item.height + ")";
+    return true;
   } catch (err) {
-    setStatus("Error: " + err, true);
+    parts.p.className = "caption error";
+    parts.p.textContent = "Error: " + (err.message || err);
+    parts.li.classList.add("failed");
+    return false;
   }
+}
+
+async function caption(files) {
+  files = Array.from(files);
+  if (!files.length) return;
+  const dropped = files.length - DEFAULTS.max_images;
+  files = files.slice(0, DEFAULTS.max_images);
+  lastFiles = files;
+  $("again").disabled = false;
+  const options = NUMERIC.map((name) => [name, $(name).value]);
+  if ($("do_sample").checked) {
+    options.push(["do_sample", "true"], ["top_p", $("top_p").value], ["temperature", $("temperature").value]);
+  }
+  const started = performance.now();
+  setStatus("Captioning " + files.length + " image(s)...", false);
+  const rows = files.map(row);
+  $("results").replaceChildren(...rows.map((r) => r.li));
+  const done = await Promise.all(files.map((file, i) => captionOne(file, rows[i], options)));
+  const failed = done.filter((ok) => !ok).length;
+  const seconds = ((performance.now() - started) / 1000).toFixed(2);
+  let text = "Done in " + seconds + " s: " + (files.length - failed) + " captioned";
+  if (failed) text += ", " + failed + " failed (the error is shown beside each)";
+  if (dropped > 0) text += "; " + dropped + " more file(s) not sent (the limit is " + DEFAULTS.max_images + ")";
+  setStatus(text + ".", failed === files.length);
 }
 
 $("file").addEventListener("change", (e) => caption(e.target.files));

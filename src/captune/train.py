@@ -26,24 +26,26 @@ from .checkpoint import (
 )
 from .config import Config, resolve_defaults, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
-from .data.collate import CaptionCollator, ItemOptions
+from .data.collate import CaptionCollator, CaptionPairs, ItemOptions
 from .data.sampling import EpochSampler
 from .errors import CaptuneError
 from .evaluate import evaluate
 from .files import truncate_lines, write_json, write_jsonl
+from .metrics import guard_warnings
 from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
 from .generate import RECORDED_OPTIONS, GenerationOptions
-from .metrics import guard_warnings
 from .model import load_model_and_processor
 from .modelcard import model_card
-from .models import family_defaults, family_of
-from .models.common import caption_loss, caption_loss_sum, target_tokens
+from .models import family_defaults, family_of, family_of_processor
+from .models.common import caption_loss, caption_loss_sum, target_tokens  # noqa: F401  (re-exported for callers)
 from .report import write_report
+from .scst import ScstCollator, ScstImages, build_scst, scst_backward_window
+from .runinfo import data_commit, library_versions, loss_floor, peak_memory
 from .seeding import seed_loader, seed_micro_batch
 from .speed import apply_speed_levers, share_images
 
 __all__ = ["TrainResult", "accumulation_windows", "caption_loss", "caption_loss_sum", "eval_options", "save_model",
-           "selection_score", "target_tokens", "train", "window_tokens"]
+           "selection_score", "train", "window_tokens"]
 
 log = logging.getLogger("captune")
 
@@ -118,10 +120,51 @@ def window_tokens(accelerator, window: list[dict], family) -> torch.Tensor:
     """Caption tokens of the whole accumulation window (the family's `target_tokens`), summed over its
     micro-batches and every process.
 
-    The loss of an optimizer step is the mean over these tokens (see `backward_window`); one all-reduce a window.
+    The loss of an optimizer step is the mean over these tokens (see `train`); one all-reduce a window.
     """
     local = torch.stack([family.target_tokens(batch) for batch in window]).sum().to(accelerator.device)
     return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+
+
+def batch_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """The training objective on one collated batch, summed over its caption tokens: the model family's
+    `loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
+    return family_of(model).loss_sum(model, batch, label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, label_smoothing: float, accelerator) -> float | None:
+    """Teacher-forced loss over every validation (image, caption) pair, per caption token as training's, computed
+    by the training objective itself (label smoothing included); None when there is no caption token.
+
+    Each process takes its shard of `loader`; the sums meet in one all-reduce.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    for batch in loader:
+        batch.pop("skipped", None)
+        if not batch.pop("pairs"):
+            continue
+        total += torch.stack([batch_loss_sum(model, batch, label_smoothing).float(),
+                              family_of(model).target_tokens(batch).float()])
+    model.train(was_training)
+    loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 \
+        else total.tolist()
+    return loss_sum / tokens if tokens else None
+
+
+def resolved(cfg: Config, model=None) -> Config:
+    """`cfg` with the fields it leaves unset filled from its model family's defaults (explicit values win).
+
+    Args:
+        model: the already loaded model train() was handed, whose family then decides; else cfg.model.name's.
+
+    Raises:
+        CaptuneError: cfg.model.name is not a supported family (read from its config.json, before any weights load).
+    """
+    defaults = family_of(model).defaults(cfg.model.name) if model is not None else family_defaults(cfg.model.name)
+    return resolve_defaults(cfg, defaults)
 
 
 def eval_options(cfg: Config) -> GenerationOptions:
@@ -183,14 +226,17 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     processes and workers (data/wds.py), so its loader is only wrapped for device placement and end-of-epoch
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
-    size = collator.family.image_size(processor)
-    items = training_dataset(
-        train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-        options=ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,
-                            augment_size=size if cfg.data.augment else 0,
-                            normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words),
-    )
+    size = family_of_processor(processor).image_size(processor)
+    options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
+                          else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
+    if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
+        items = ScstImages(train_data, options, seed=cfg.train.seed)
+    else:
+        items = training_dataset(
+            train_data, caption_sampling=cfg.data.caption_sampling, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, num_workers=cfg.data.num_workers, seed=cfg.train.seed,
+            options=options,
+        )
     workers = cfg.data.num_workers
     # Its own generator (reseeded each epoch by seed_loader), so creating an iterator never draws from the global RNG.
     generator = torch.Generator()
@@ -205,19 +251,6 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collator, num_workers=workers,
                         persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), generator=generator)
     return items, loader, sampler
-
-
-def resolved(cfg: Config, model=None) -> Config:
-    """`cfg` with the fields it leaves unset filled from its model family's defaults (explicit values win).
-
-    Args:
-        model: the already loaded model train() was handed, whose family then decides; else cfg.model.name's.
-
-    Raises:
-        CaptuneError: cfg.model.name is not a supported family (read from its config.json, before any weights load).
-    """
-    defaults = family_of(model).defaults(cfg.model.name) if model is not None else family_defaults(cfg.model.name)
-    return resolve_defaults(cfg, defaults)
 
 
 def trainable_model(cfg: Config, model=None, processor=None):
@@ -241,39 +274,26 @@ def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
     save_config(cfg, output / "config.yaml")
 
 
+def validation_pairs(cfg: Config, validation: list, processor, collator, accelerator):
+    """Every (image, caption) pair of the validation images, batched as training batches them (no augmentation),
+    sharded across processes: the input of `validation_loss`. None without validation data."""
+    if not validation:
+        return None
+    size = collator.family.image_size(processor)
+    pairs = CaptionPairs(validation, "all", ItemOptions(
+        max_pixels=cfg.data.max_image_pixels, draft_size=size, normalize_captions=cfg.data.normalize_captions,
+        max_words=cfg.data.max_words))
+    loader = DataLoader(pairs, batch_size=cfg.eval.batch_size, shuffle=False, collate_fn=collator,
+                        num_workers=cfg.data.num_workers)
+    return accelerator.prepare_data_loader(loader, device_placement=True)
+
+
 def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) -> None:
     for item in items:
         if on_bad_sample == "error":
             raise CaptuneError(f"bad training sample: {item['reason']} (data.on_bad_sample=skip goes on)")
         log.warning("skipped %s", item["reason"])
         skipped.append(item)
-
-
-@dataclass
-class Run:
-    """What the loop's named pieces (validation, checkpoints, steps) share: a state holder, no behaviour."""
-
-    cfg: Config
-    accelerator: Accelerator
-    output: Path
-    model: torch.nn.Module
-    processor: object
-    family: object
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    validation: list
-    options: GenerationOptions
-    settings: dict
-    data_counts: dict
-    metrics_log: MetricsLog | None = None
-    state: dict = field(default_factory=dict)
-    """Everything a checkpoint stores to continue exactly: epoch, batch, best score/step, patience, skips."""
-    step: int = 0
-    final_metrics: dict = field(default_factory=dict)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
 
 
 def train(cfg: Config, *, model=None, processor=None, resume: bool = False, before=None) -> TrainResult:
@@ -297,6 +317,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     """
     cfg = resolved(cfg, model)
     output = Path(cfg.output)
+    started = time.perf_counter()
     trackers = resolve_trackers(cfg.train.report_to)
     accelerator = Accelerator(
         # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
@@ -325,9 +346,9 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         _start_run_directory(output, cfg, fresh=checkpoint is None)
         log.info(
             "training %s (%s, mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d "
-            "process(es), precision %s", cfg.model.name, family.NAME, t.mode, len(data.train),
-            count_captions(data.train), len(validation), freeze_summary(model), accelerator.device,
-            accelerator.num_processes, accelerator.mixed_precision,
+            "process(es), precision %s", cfg.model.name, family.NAME, t.mode, len(data.train), count_captions(data.train),
+            len(validation), freeze_summary(model), accelerator.device, accelerator.num_processes,
+            accelerator.mixed_precision,
         )
         if not validation:
             log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
@@ -337,7 +358,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt, family=family)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
-    items, loader, sampler = training_loader(cfg, data.train, processor, collator, batch_size, accelerator)
+    scst = None
+    if t.objective == "scst":
+        scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
+                          max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
+    train_collator = collator if scst is None else ScstCollator(
+        lambda images: family.pixel_values(processor, images), processor)
+    items, loader, sampler = training_loader(cfg, data.train, processor, train_collator, batch_size, accelerator)
+    val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
     optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, fused=t.fused_adamw or None)
     if streamed:
@@ -355,28 +383,97 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         min_lr_rate=t.min_lr_ratio,
     )
     accelerator.register_for_checkpointing(scheduler)
-    run = Run(cfg=cfg, accelerator=accelerator, output=output, model=model, processor=processor, family=family,
-              optimizer=optimizer, scheduler=scheduler, validation=validation, options=eval_options(cfg),
-              settings=run_settings(cfg), data_counts=_data_counts(cfg, data, validation),
-              state={"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0,
-                     "metrics_lines": 0, "validated_step": None, "skipped": skipped})
+    # Everything the loop needs to continue exactly where a checkpoint left off.
+    state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
+             "validated_step": None, "skipped": skipped}
+    step = 0
     if checkpoint is not None:
-        _restore(run, checkpoint)
-    run.metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=run.state["metrics_lines"])
+        state = load_checkpoint(accelerator, checkpoint)
+        step = state.pop("step")
+        if main:
+            truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
+        log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
+    metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
     if trackers:
         accelerator.init_trackers("captune", config=flat_config(cfg))
+    options = eval_options(cfg)
+    settings = {"base_model": cfg.model.name, "base_seed": t.seed, "mode": t.mode, "prompt": cfg.data.prompt,
+                "max_caption_tokens": cfg.data.max_caption_tokens,
+                "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
+    final_metrics: dict = {}
+    validation_seconds = 0.0  # kept out of the training throughput
+    data_counts = {"path": cfg.data.path, "train_images": len(data.train),
+                   "train_captions": count_captions(data.train), "validation_images": len(validation),
+                   "validation_captions": sum(len(s.captions) for s in validation)}
+
+    def card(metrics: dict, at_step: int) -> str:
+        return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
+                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step,
+                          family=family)
+
+    def validate(epoch: int, final: bool = False) -> None:
+        nonlocal final_metrics, validation_seconds
+        if not validation or (state["validated_step"] == step and not final):
+            return  # an epoch end can coincide with an eval_every_steps step
+        state["validated_step"] = step
+        validation_started = time.perf_counter()
+        # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
+        result = evaluate(
+            model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
+            num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
+        )
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
+        if loss is not None:
+            result.metrics["loss"] = loss
+        final_metrics = result.metrics
+        score = selection_score(result.metrics, t.best_metric)
+        # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
+        improved = state["best_score"] is None or score > state["best_score"]
+        state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
+        if improved:
+            state.update(best_score=score, best_step=step)
+        if main:
+            metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
+            accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step=step)
+            write_jsonl(output / "val_predictions.jsonl", result.predictions)
+            log.info("step %d validation: %s", step, _format_metrics(result.metrics))
+            for warning in guard_warnings(result.metrics, images=len(result.predictions)):
+                log.warning("step %d validation: %s", step, warning)
+            if improved:
+                # The report's gallery shows best/'s captions, not whichever model validated last.
+                write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
+                save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
+                           card(result.metrics, step))
+        accelerator.wait_for_everyone()
+        validation_seconds += time.perf_counter() - validation_started
+
+    def checkpoint_now() -> None:
+        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
+
+    def patience_spent() -> bool:
+        return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
+
     if validation and cfg.eval.caption_before and checkpoint is None:
-        _caption_before(run, before)
+        # The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless
+        # the caller, the demo, has already done that and hands them over).
+        before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
+                                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                    desc="captioning before training", meteor=False)
+        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
+        if main:
+            metrics_log.write(step=0, epoch=0, split="before", **before.metrics,
+                              **({"loss": loss} if loss is not None else {}))
+            write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
+            log.info("before training: %s", _format_metrics(before.metrics))
 
     vision = family.vision_tower(accelerator.unwrap_model(model))  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
+    pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
     model.train()
-    bar = tqdm(total=total_steps, initial=run.step, desc="training", unit="step",
-               disable=not accelerator.is_local_main_process)
-    state = run.state
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
     with StopRequests() as stop:
         try:
-            while state["epoch"] < epochs and run.step < total_steps and not _patience_spent(run) and not interrupted:
+            while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
                 epoch = state["epoch"]
                 if streamed:
                     items.set_epoch(epoch)
@@ -387,74 +484,114 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
                 for window in accumulation_windows(batches, t.grad_accum):
                     for batch in window:
                         _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    loss_sum, tokens, pairs = backward_window(
-                        accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
-                        epoch=epoch, first_batch=state["batch"])
+                    if scst is None:
+                        loss_sum, tokens, pairs = backward_window(
+                            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
+                    else:
+                        loss_sum, tokens, pairs = scst_backward_window(
+                            scst, accelerator, model, vision, window, processor=processor, seed=t.seed,
+                            epoch=epoch, first_batch=state["batch"])
                     state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
-                    run.step += 1
+                    pairs_trained += pairs * accelerator.num_processes
+                    step += 1
                     # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
                     loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
-                    lr = _optimizer_step(run, loss_value, bad, epoch)
+                    if bad and t.on_nonfinite == "stop":
+                        last_good = latest_checkpoint(output)
+                        raise CaptuneError(
+                            f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
+                            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
+                            "rerun with --resume, or set train.on_nonfinite=skip", 1)
+                    if bad or loss_value is None:
+                        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
+                                    else "no usable training pair on any process", step)
+                    else:
+                        if t.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    lr = scheduler.get_last_lr()[0]
+                    scheduler.step()
                     rate = seen / max(time.perf_counter() - tick, 1e-9)
                     bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                     bar.update()
-                    if run.step % t.log_every_steps == 0 or run.step == 1:
-                        run.metrics_log.write(step=run.step, epoch=epoch, split="train", loss=loss_value, lr=lr,
-                                              samples_per_s=rate)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=run.step)
-                        seen, tick = 0, time.perf_counter()
-                    if t.eval_every_steps and run.step % t.eval_every_steps == 0 and run.step < total_steps:
-                        _validate(run, epoch)
-                    if run.step >= total_steps or _patience_spent(run):
+                    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
+                    rewards = scst.meter.finish_step(accelerator) if scst else {}
+                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate,
+                                      **rewards)
+                    if step % t.log_every_steps == 0 or step in (1, total_steps):
+                        metrics_log.write(**last_train)
+                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
+                        seen, tick, last_train = 0, time.perf_counter(), None
+                    if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
+                        validate(epoch)
+                    if step >= total_steps or patience_spent():
                         break
                     # The epoch-end checkpoint, after validation, covers a periodic save falling on the last batch.
                     epoch_done = state["batch"] == batches_per_epoch
-                    if signalled or (t.save_every_steps and run.step % t.save_every_steps == 0 and not epoch_done):
-                        _checkpoint(run)
+                    if signalled or (t.save_every_steps and step % t.save_every_steps == 0 and not epoch_done):
+                        checkpoint_now()
                     if signalled:
                         interrupted = stop.requested or "a signal on another process"
                         break
                 else:
                     state.update(epoch=epoch + 1, batch=0)
                     if state["epoch"] < epochs:
-                        _validate(run, epoch)
-                    _checkpoint(run)
+                        validate(epoch)
+                    checkpoint_now()
         except BaseException:
-            run.metrics_log.close()
+            metrics_log.close()
             raise
         finally:
             bar.close()
     if interrupted:
-        run.metrics_log.close()
+        metrics_log.close()
         log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
-                    interrupted, run.step, output)
+                    interrupted, step, output)
         accelerator.end_training()
-        return TrainResult(output=output, steps=run.step, best_score=state["best_score"],
-                           best_step=state["best_step"], interrupted=interrupted)
-    return _finish(run)
-
-
-def run_settings(cfg: Config) -> dict:
-    """What best/ and last/ record in captune.json: the base model, and how validation decoded."""
-    return {"base_model": cfg.model.name, "base_seed": cfg.train.seed, "mode": cfg.train.mode,
-            "prompt": cfg.data.prompt, "max_caption_tokens": cfg.data.max_caption_tokens,
-            "generation": {name: getattr(cfg.eval, name) for name in RECORDED_OPTIONS}}
-
-
-def _data_counts(cfg: Config, data, validation: list) -> dict:
-    return {"path": cfg.data.path, "train_images": len(data.train), "train_captions": count_captions(data.train),
-            "validation_images": len(validation), "validation_captions": sum(len(s.captions) for s in validation)}
-
-
-def _restore(run: Run, checkpoint: Path) -> None:
-    """Continue from `checkpoint`: weights, optimizer, scheduler, RNG, loop state; the log cut back to match."""
-    run.state = load_checkpoint(run.accelerator, checkpoint)
-    run.step = run.state.pop("step")
-    if run.main:
-        truncate_lines(run.output / "metrics.jsonl", run.state["metrics_lines"])
-    log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, run.step, run.state["epoch"],
-             run.state["batch"])
+        return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
+                           interrupted=interrupted)
+    if patience_spent():
+        log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
+                 t.early_stopping_patience)
+    train_seconds = time.perf_counter() - loop_started - validation_seconds
+    if last_train is not None:
+        # The last step is always logged (early stopping can end a run between logging steps): a 15-step run that
+        # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
+        metrics_log.write(**last_train)
+    validate(state["epoch"], final=True)
+    metrics_log.close()
+    skipped = state["skipped"]
+    skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
+    if main:
+        if skipped:
+            log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
+        unwrapped = accelerator.unwrap_model(model)
+        for name in ("last", "best") if state["best_score"] is None else ("last",):
+            save_model(unwrapped, processor, output / name, {**settings, "step": step}, card(final_metrics, step))
+        vocab = unwrapped.config.get_text_config().vocab_size  # the caption loss's number of classes
+        run_facts = {
+            "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
+            # Pairs this run trained on (a resumed run counts from its checkpoint) over the loop's wall time.
+            "samples_per_s": round(pairs_trained / max(train_seconds, 1e-9), 2),
+            "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+            "processes": accelerator.num_processes, "batch_size": batch_size,
+            "peak_memory": peak_memory(accelerator.device), "versions": library_versions(),
+            "data_git": data_commit(cfg.data.path), "label_smoothing": t.label_smoothing,
+            "loss_floor": round(loss_floor(t.label_smoothing, vocab), 4),
+        }
+        write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
+                                             "best_score": state["best_score"], "best_metric": t.best_metric,
+                                             "final_metrics": final_metrics, "skipped_samples": skipped,
+                                             "data": data_counts, "run": run_facts})
+        write_report(output)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
+                       final_metrics=final_metrics)
 
 
 def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,
@@ -462,12 +599,11 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
     """Forward and backward over one accumulation window, gradients synchronised after its last micro-batch.
 
     The step's loss is the mean over every caption token of the window on every process (the fix transformers'
-    Trainer made in 2024 for gradient accumulation): each micro-batch's token losses are summed (the family's
-    `loss_sum`) and divided by the window's total, so a short last window is not scaled down, a placeholder batch
-    (no usable pair, see CaptionCollator: it still runs, as every process must take part in each step's
-    collectives) weighs nothing, and a long caption weighs what it would in one big batch. DDP averages gradients
-    over processes and `accelerator.backward` divides by grad_accum (always, even for a short window): the scale
-    below undoes both.
+    Trainer made in 2024 for gradient accumulation): each micro-batch's token losses are summed and divided by the
+    window's total, so a short last window is not scaled down, a placeholder batch (no usable pair, see
+    CaptionCollator: it still runs, as every process must take part in each step's collectives) weighs nothing, and
+    a long caption weighs what it would in one big batch. DDP averages gradients over processes and
+    `accelerator.backward` divides by grad_accum (always, even for a short window): the scale below undoes both.
 
     Args:
         vision: the unwrapped vision tower (grouped batches repeat its output rows, see speed.share_images).
@@ -489,125 +625,10 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
         seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
         with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
               share_images(vision, batch.get("image_index"))):
-            loss = family.loss_sum(model, batch, label_smoothing=label_smoothing)
+            loss = batch_loss_sum(model, batch, label_smoothing)
             accelerator.backward(loss * scale)
         loss_sum = loss_sum + loss.detach()
     return loss_sum, tokens, pairs
-
-
-def _optimizer_step(run: Run, loss_value: float | None, bad: bool, epoch: int) -> float:
-    """Clip and step (or skip a non-finite / empty step), advance the schedule; returns the step's learning rate.
-
-    Raises:
-        CaptuneError: a non-finite loss under train.on_nonfinite=stop, before the weights change.
-    """
-    t = run.cfg.train
-    if bad and t.on_nonfinite == "stop":
-        last_good = latest_checkpoint(run.output)
-        raise CaptuneError(
-            f"loss is {loss_value} at step {run.step} (epoch {epoch}); stopped before updating the weights. "
-            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
-            "rerun with --resume, or set train.on_nonfinite=skip", 1)
-    if bad or loss_value is None:
-        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
-                    else "no usable training pair on any process", run.step)
-    else:
-        if t.max_grad_norm > 0:
-            run.accelerator.clip_grad_norm_(run.model.parameters(), t.max_grad_norm)
-        run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
-    return lr
-
-
-def _card(run: Run, metrics: dict, at_step: int) -> str:
-    return model_card(base_model=run.cfg.model.name, data=run.data_counts, hyperparameters=vars(run.cfg.train),
-                      metrics=metrics, generation=run.settings["generation"], prompt=run.cfg.data.prompt,
-                      step=at_step, family=run.family)
-
-
-def _caption_before(run: Run, before) -> None:
-    """The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless the
-    caller, the demo, has already done that and hands them over)."""
-    cfg = run.cfg
-    before = before or evaluate(run.model, run.processor, run.validation, run.options, accelerator=run.accelerator,
-                                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                                desc="captioning before training", meteor=False)
-    if run.main:
-        run.metrics_log.write(step=0, epoch=0, split="before", **before.metrics)
-        write_jsonl(run.output / "val_predictions_before.jsonl", before.predictions)
-        log.info("before training: %s", _format_metrics(before.metrics))
-
-
-def _validate(run: Run, epoch: int, final: bool = False) -> None:
-    """Caption and score the validation images; keep best/ when the selection metric improved."""
-    state, step = run.state, run.step
-    if not run.validation or (state["validated_step"] == step and not final):
-        return  # an epoch end can coincide with an eval_every_steps step
-    state["validated_step"] = step
-    # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
-    result = evaluate(
-        run.model, run.processor, run.validation, run.options, accelerator=run.accelerator,
-        batch_size=run.cfg.eval.batch_size, num_workers=run.cfg.data.num_workers, desc=f"validating (step {step})",
-        meteor=final,
-    )
-    run.final_metrics = result.metrics
-    score = selection_score(result.metrics, run.cfg.train.best_metric)
-    # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
-    improved = state["best_score"] is None or score > state["best_score"]
-    state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
-    if improved:
-        state.update(best_score=score, best_step=step)
-    if run.main:
-        run.metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
-        run.accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)},
-                            step=step)
-        write_jsonl(run.output / "val_predictions.jsonl", result.predictions)
-        log.info("step %d validation: %s", step, _format_metrics(result.metrics))
-        for warning in guard_warnings(result.metrics, images=len(result.predictions)):
-            log.warning("step %d validation: %s", step, warning)
-        if improved:
-            save_model(run.accelerator.unwrap_model(run.model), run.processor, run.output / "best", run.settings,
-                       _card(run, result.metrics, step))
-    run.accelerator.wait_for_everyone()
-
-
-def _checkpoint(run: Run) -> None:
-    save_checkpoint(run.accelerator, run.output, run.step, {**run.state, "metrics_lines": run.metrics_log.lines},
-                    run.cfg.train.keep_last)
-
-
-def _patience_spent(run: Run) -> bool:
-    patience = run.cfg.train.early_stopping_patience
-    return bool(patience) and run.state["stale_evals"] >= patience
-
-
-def _finish(run: Run) -> TrainResult:
-    """The final validation, last/ (and best/ without validation), summary.json and the report."""
-    t, state, accelerator, output = run.cfg.train, run.state, run.accelerator, run.output
-    if _patience_spent(run):
-        log.info("early stopping at step %d: no better %s in %d validations", run.step, t.best_metric,
-                 t.early_stopping_patience)
-    _validate(run, state["epoch"], final=True)
-    run.metrics_log.close()
-    skipped = state["skipped"]
-    skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
-    if run.main:
-        if skipped:
-            log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
-        unwrapped = accelerator.unwrap_model(run.model)
-        for name in ("last", "best") if state["best_score"] is None else ("last",):
-            save_model(unwrapped, run.processor, output / name, run.settings, _card(run, run.final_metrics, run.step))
-        write_json(output / "summary.json", {"steps": run.step, "best_step": state["best_step"],
-                                             "best_score": state["best_score"], "best_metric": t.best_metric,
-                                             "final_metrics": run.final_metrics, "skipped_samples": skipped,
-                                             "data": run.data_counts})
-        write_report(output)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(output=output, steps=run.step, best_score=state["best_score"], best_step=state["best_step"],
-                       final_metrics=run.final_metrics)
 
 
 def _agree(accelerator, loss_sum: torch.Tensor, tokens: torch.Tensor, stop: bool) -> tuple[float | None, bool, bool]:

@@ -172,15 +172,16 @@ def training_dataset(train: list[CaptionSample] | Shards, *, caption_sampling: s
                      seed: int = 0):
     """The torch dataset of training items: map-style over a list, an IterableDataset over shards.
 
-    `rank`, `world_size`, `num_workers` and `seed` matter for shards only: the stream splits itself across processes
-    and workers, so the caller must not let Accelerate shard it again.
+    `rank`, `world_size` and `num_workers` matter for shards only: the stream splits itself across processes and
+    workers, so the caller must not let Accelerate shard it again. `seed` (with the epoch and the item) seeds every
+    random draw of an item: caption choice, crop, a stream's shuffle.
     """
     if isinstance(train, Shards):
         from .wds import ShardStream
 
         return ShardStream(train.paths, train.counts, caption_sampling=caption_sampling, options=options, rank=rank,
                            world_size=world_size, num_workers=num_workers, seed=seed)
-    return CaptionPairs(train, caption_sampling, options)
+    return CaptionPairs(train, caption_sampling, options, seed=seed)
 
 
 def count_captions(train: list[CaptionSample] | Shards) -> int:

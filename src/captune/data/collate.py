@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from ..errors import CaptuneError
 from ..models import family_module, family_of_processor
 from ..models.common import IGNORE_INDEX
+from ..seeding import item_rng
 from .records import DEFAULT_MAX_PIXELS, CaptionSample, load_rgb
 from .transforms import pre_caption, random_resized_crop
 
@@ -36,8 +37,9 @@ class ItemOptions:
     """Word cap of pre_caption."""
 
 
-def decode_image(sample: CaptionSample, options: ItemOptions) -> Image.Image | dict:
-    """The sample's training image (augmented when asked), or a `skip` record naming the sample and the reason.
+def decode_image(sample: CaptionSample, options: ItemOptions, rng: random.Random | None = None) -> Image.Image | dict:
+    """The sample's training image (augmented with `rng`'s draws when asked), or a `skip` record naming the sample
+    and the reason.
 
     A bad sample never raises here: in a worker process the exception would reach the user as a traceback, and
     the run would die mid-epoch. The collator drops skips and hands them to the training loop, which decides.
@@ -50,13 +52,14 @@ def decode_image(sample: CaptionSample, options: ItemOptions) -> Image.Image | d
     except Exception as exc:  # a decoder bug on hostile input must cost one sample, not the run
         return {"skip": {"id": sample.id, "reason": f"{sample.origin or sample.id}: cannot decode image ({exc!r})"}}
     if options.augment_size:
-        image = random_resized_crop(image, options.augment_size)
+        image = random_resized_crop(image, options.augment_size, rng=rng)
     return image
 
 
-def training_item(sample: CaptionSample, caption: str, options: ItemOptions, image=None) -> dict:
+def training_item(sample: CaptionSample, caption: str, options: ItemOptions, image=None,
+                  rng: random.Random | None = None) -> dict:
     """One (image, caption) training item, or a `skip` record; `image` is an already decoded one (or its skip)."""
-    image = decode_image(sample, options) if image is None else image
+    image = decode_image(sample, options, rng) if image is None else image
     if isinstance(image, dict):
         return image
     if options.normalize_captions:
@@ -68,14 +71,20 @@ def training_item(sample: CaptionSample, caption: str, options: ItemOptions, ima
 
 
 class LastImage:
-    """Remembers the last decoded image: grouped sampling asks for an image's captions one after another."""
+    """Remembers the last decoded image: grouped sampling asks for an image's captions one after another.
+
+    All captions of an image share one decode, hence one crop (their rows share one ViT pass): `rng` must be a
+    function of the image and the epoch, and the cache is keyed by both, so a worker never carries a crop over into
+    the next epoch.
+    """
 
     def __init__(self):
         self.key, self.image = None, None
 
-    def item(self, key, sample: CaptionSample, caption: str, options: ItemOptions) -> dict:
-        if key != self.key:
-            self.key, self.image = key, decode_image(sample, options)
+    def item(self, key, sample: CaptionSample, caption: str, options: ItemOptions, rng: random.Random | None = None,
+             epoch: int = 0) -> dict:
+        if (epoch, key) != self.key:
+            self.key, self.image = (epoch, key), decode_image(sample, options, rng)
         item = training_item(sample, caption, options, image=self.image)
         return {**item, "key": key} if "image" in item else item
 
@@ -83,16 +92,24 @@ class LastImage:
 class CaptionPairs(Dataset):
     """Training items from a list of samples.
 
+    Indexed by `(epoch, index)` keys, as `checkpoint.EpochSampler` yields them (a plain index means epoch 0). Every
+    random draw of an item (its caption under "random", its crop under augmentation) comes from `seed`, the
+    epoch and the item's index (`seeding.item_rng`), never from the worker's RNG: which worker builds a batch, and
+    how that worker was seeded, changes when a run resumes mid-epoch, and must not change the batch.
+
     Args:
         caption_sampling: "all" = every (image, caption) pair each epoch, as the original BLIP iterates its
             annotations; "random" = each image once per epoch with one of its captions drawn at random; "grouped" =
             every pair, and `groups()` tells the sampler which pairs share an image so it keeps them together.
+        seed: the run's seed.
     """
 
-    def __init__(self, samples: list[CaptionSample], caption_sampling: str = "all", options: ItemOptions | None = None):
+    def __init__(self, samples: list[CaptionSample], caption_sampling: str = "all", options: ItemOptions | None = None,
+                 seed: int = 0):
         self.samples = samples
         self.caption_sampling = caption_sampling
         self.options = options or ItemOptions()
+        self.seed = seed
         if caption_sampling in ("all", "grouped"):
             self.pairs = [(i, j) for i, s in enumerate(samples) for j in range(len(s.captions))]
         else:
@@ -106,14 +123,18 @@ class CaptionPairs(Dataset):
         """For "grouped": the number of consecutive pairs each image has (pairs are listed image by image)."""
         return [len(s.captions) for s in self.samples] if self.caption_sampling == "grouped" else None
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         i, j = self.pairs[index]
         sample = self.samples[i]
-        # `random` is reseeded per worker and per epoch by the DataLoader, so draws differ between epochs.
-        caption = sample.captions[j] if j is not None else random.choice(sample.captions)
+        if j is None:
+            caption = item_rng(self.seed, epoch, "caption", i).choice(sample.captions)
+        else:
+            caption = sample.captions[j]
         if self.caption_sampling == "grouped":
-            return self.last.item(i, sample, caption, self.options)
-        return training_item(sample, caption, self.options)
+            # One crop per image and epoch: its captions share the decoded image (see LastImage).
+            return self.last.item(i, sample, caption, self.options, item_rng(self.seed, epoch, "crop", "image", i), epoch)
+        return training_item(sample, caption, self.options, rng=item_rng(self.seed, epoch, "crop", index))
 
 
 class CaptionImages(Dataset):

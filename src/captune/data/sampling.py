@@ -6,11 +6,14 @@ import torch
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A fresh random order each epoch, drawn from `seed + epoch` alone.
+    """A fresh random order each epoch, drawn from `seed + epoch` alone; yields `(epoch, index)` keys.
 
     The order does not depend on how many epochs this process has already iterated, so a run resumed mid-epoch
     replays the interrupted epoch's permutation (then skips the batches already done). Deliberately not named
     `set_epoch`: Accelerate calls that with its own per-loader iteration count, which restarts at 0 on resume.
+
+    The epoch travels with each index because it is the only way it reaches persistent DataLoader workers (their
+    copy of the dataset never sees a later `set_epoch`): the dataset derives an item's random draws from it.
     """
 
     def __init__(self, size: int, seed: int, groups: list[int] | None = None):
@@ -25,13 +28,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        epoch = self.epoch
         if self.groups is None:
-            return iter(torch.randperm(self.size, generator=generator).tolist())
+            return ((epoch, index) for index in torch.randperm(self.size, generator=generator).tolist())
         starts = [0]
         for size in self.groups[:-1]:
             starts.append(starts[-1] + size)
         order = torch.randperm(len(self.groups), generator=generator).tolist()
-        return (starts[g] + k for g in order for k in range(self.groups[g]))
+        return ((epoch, starts[g] + k) for g in order for k in range(self.groups[g]))
 
     def __len__(self) -> int:
         return self.size

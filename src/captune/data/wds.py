@@ -11,8 +11,9 @@ seek), which is cheap for local shards.
 Several processes must also run the same number of steps, or the one with more batches waits forever in a collective
 at the epoch end. So every consumer yields exactly as many items as the busiest one (`ShardCounts` knows each
 position's item count from the caption members, read once): the others top up with `{"pad": True}` items, which the
-collator drops (a batch of only pads becomes a zero-loss placeholder batch). The shuffle buffer is seeded from (seed,
-epoch, consumer), so an epoch's order is the same when a run resumes in the middle of it.
+collator drops (a batch of only pads becomes a zero-loss placeholder batch). The shuffle buffer and caption draws are
+seeded from (seed, epoch, consumer) and a crop from (seed, epoch, sample, caption), so an epoch's items are the same
+when a run resumes in the middle of it.
 
 Layouts: a .tar file, a directory of .tar files, a directory with train/ and validation/ (or val/, test/) folders of
 .tar files, or a glob (`shards/*.tar`).
@@ -32,6 +33,7 @@ from typing import Iterator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import CaptuneError
+from ..seeding import item_rng
 from .collate import ItemOptions, LastImage, training_item
 from .folder import IMAGE_SUFFIXES, VALIDATION_DIRS, clean_captions
 from .records import CaptionSample, Problem
@@ -248,16 +250,20 @@ class ShardStream(IterableDataset):
             yield {"pad": True}
 
     def _units(self, item, rng) -> list[list]:
+        """Pairs (sample, caption, caption index), grouped into the units the shuffle buffer moves."""
         if isinstance(item, Problem):
             return [[item]]
         if self.caption_sampling == "random":
-            return [[(item, rng.choice(item.captions))]]
-        pairs = [(item, caption) for caption in item.captions]
+            j = rng.randrange(len(item.captions))
+            return [[(item, item.captions[j], j)]]
+        pairs = [(item, caption, j) for j, caption in enumerate(item.captions)]
         return [pairs] if self.caption_sampling == "grouped" else [[pair] for pair in pairs]
 
     def _decode(self, pair, last: LastImage) -> dict:
         if isinstance(pair, Problem):
             return {"skip": {"id": pair.id or pair.where, "reason": str(pair)}}
-        if self.caption_sampling == "grouped":
-            return last.item(pair[0].origin, pair[0], pair[1], self.options)
-        return training_item(pair[0], pair[1], self.options)
+        sample, caption, j = pair
+        if self.caption_sampling == "grouped":  # one crop per image and epoch (see LastImage)
+            return last.item(sample.origin, sample, caption, self.options,
+                             item_rng(self.seed, self.epoch, "crop", sample.origin), self.epoch)
+        return training_item(sample, caption, self.options, rng=item_rng(self.seed, self.epoch, "crop", sample.origin, j))

@@ -100,6 +100,12 @@ from ..errors import CaptuneError
 MODEL_TYPES = {
     "blip": "blip",
 }
+# Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
+# still needs the cache or the Hub).
+KNOWN_HUB_IDS = {
+    "Salesforce/blip-image-captioning-base": "blip",
+    "Salesforce/blip-image-captioning-large": "blip",
+}
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
@@ -261,6 +267,8 @@ def load_captune_settings(name: str) -> dict:
 def family_defaults(name: str) -> dict:
     """The config defaults of the family `name` belongs to: a preset's own, also for a directory captune trained
     from a preset (captune.json's base_model; a fine-tuned tiny model is still tiny), a LoRA adapter's base's."""
+    if name in KNOWN_HUB_IDS:
+        return family_module(KNOWN_HUB_IDS[name]).defaults(name)
     family = family_for(name)
     path = Path(name).expanduser()
     if path.is_dir() and (path / ADAPTER_CONFIG).is_file():

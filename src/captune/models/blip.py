@@ -37,16 +37,17 @@ TINY_IMAGE_SIZE = 64
 # The vision encoder's attention Linears in transformers' BLIP: a fused qkv and the output projection.
 VISION_TARGETS = ("qkv", "projection")
 
-# BLIP-base/large as the paper fine-tunes them on COCO (lr 1e-5 at batch 256, beam 3, 5-20 tokens, 40-token
-# captions); small data often wants 2e-5 to 5e-5.
+# BLIP-base/large as the paper fine-tunes them on COCO (lr 1e-5 at batch 256, 40-token captions; small data often
+# wants 2e-5 to 5e-5) and decodes (beam 3, max_length 20 / min_length 5 counting [DEC] and the 3-token prompt "a
+# picture of": 1 to 16 new tokens, see tests/test_decoding_lengths.py).
 _DEFAULTS = {
     "train.lr": 1e-5,
     "train.batch_size": 16,
     "train.lora_targets": "query,value",
     "data.max_caption_tokens": 40,
     "eval.num_beams": 3,
-    "eval.max_new_tokens": 20,
-    "eval.min_new_tokens": 5,
+    "eval.max_new_tokens": 16,
+    "eval.min_new_tokens": 1,
 }
 # The random tiny BLIP learns nothing at a pretrained model's 1e-5: it needs 1e-3 (the demo's shapes task).
 _TINY_DEFAULTS = {**_DEFAULTS, "train.lr": 1e-3}
