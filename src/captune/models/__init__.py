@@ -99,16 +99,19 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "florence2": "florence2",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-florence2": "florence2",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -123,6 +126,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "florence2":
+        from . import florence2
+
+        return florence2
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -288,6 +295,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "Florence2Processor": "florence2",
 }
 
 
