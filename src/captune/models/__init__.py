@@ -316,6 +316,35 @@ def all_sdpa_forward(module):
     return None
 
 
+def caption_counter(name: str, prompt: str):
+    """A function captions -> positions each takes of `data.max_caption_tokens` for the model `name` (a preset,
+    a model or adapter directory, or a cached hub id), without loading weights (`captune check`).
+
+    Raises:
+        CaptuneError: an unsupported model, or a tokenizer that cannot be read offline.
+    """
+    family = family_for(name)
+    if name in PRESETS:
+        tokenizer = family.preset_tokenizer(name)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "tokenizer_config.json").is_file():
+            return caption_counter(base_of_adapter(path)[0], prompt)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CaptuneError(f"cannot read the tokenizer of '{name}' offline ({first_line(exc)}): pass a model "
+                               "directory or a preset to --model") from exc
+    return lambda captions: family.caption_lengths(tokenizer, list(captions), prompt)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def counting_tokenizer(name: str = TINY):
     """The tokenizer `captune check` counts caption tokens with: a preset's, built offline."""
     return family_module(PRESETS[name]).preset_tokenizer(name)
