@@ -210,7 +210,7 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
 LONG = ("a wide view of a busy city street in the late afternoon with many people walking along the sidewalk next "
         "to tall buildings while cars buses and a few bicycles wait at the traffic light and a man in a blue jacket "
         "holds an umbrella near the corner where a small dog sits beside a bench under a large tree with green "
-        "leaves and a red sign on the wall behind it")  # 66 words: what <MORE_DETAILED_CAPTION> writes
+        "leaves and a red sign on the wall behind it")  # 72 words: what <MORE_DETAILED_CAPTION> writes
 
 
 def test_check_counts_captions_the_family_limit_truncates(tmp_path, capsys):
@@ -231,3 +231,15 @@ def test_check_counts_captions_the_family_limit_truncates(tmp_path, capsys):
     assert main(["check", str(data), "--model", PRESET, "--max-caption-tokens", "10"]) == 0
     out = capsys.readouterr().out
     assert "1 over max_caption_tokens=10 (tiny-florence2's tokens; training truncates them)" in out
+
+
+def test_long_captions_are_shown_whole_in_a_wide_scrolling_card(tmp_path):
+    from captune import report
+
+    short = {"id": "a.png", "image": None, "prediction": "two red circles", "references": ["two red circles"]}
+    long = {"id": "b.png", "image": None, "prediction": LONG, "references": [LONG], "cider": 1.5}
+    html = report._card(long, short, long, {}, ("base model", "best/"))
+    assert html.startswith("<div class='card wide'>") and "(72 words)" in html
+    assert f"<span class=long>{LONG}</span>" in html  # the whole caption, never cut
+    assert report._card(short, None, short, {}, ("base model", "best/")).startswith("<div class=card>")
+    assert ".long{display:block;max-height:12em;overflow:auto" in report._CSS
