@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", help="tiny preset to fine-tune (default tiny; e.g. tiny-git)")
     return parser
 
 
@@ -479,7 +480,7 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, model=args.model)
     return 0
 
 

@@ -27,19 +27,25 @@ DEMO_RECIPE = {
 N_TRAIN, N_VAL = 1500, 100
 
 
-def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL) -> dict:
-    """Run the demo end to end and return {"before": metrics, "after": metrics, "examples": [...]}."""
+def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL,
+             model: str | None = None) -> dict:
+    """Run the demo end to end and return {"before": metrics, "after": metrics, "examples": [...]}.
+
+    `model` is a tiny preset (default `tiny`, BLIP); the recipe's values apply to every preset.
+    """
     output = Path(output)
     data_dir = make_synthetic(output / "data", n_train=n_train, n_val=n_val)
     log.info("synthetic data: %d training and %d held-out images in %s", n_train, n_val, data_dir)
     overrides = {"output": str(output), "data": {"path": str(data_dir)}}
     if epochs is not None:
         overrides["train"] = {"epochs": epochs}
+    if model is not None:
+        overrides["model"] = {"name": model}
     cfg = load_config(None, _merged(DEMO_RECIPE, overrides))
     held_out = build_dataset(data_dir).validation
     options = eval_options(cfg)
 
-    model, processor = load_model_and_processor(TINY, seed=cfg.train.seed)
+    model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning before")
     result = train(cfg, model=model, processor=processor, before=before)
     if result.best_step == result.steps:

@@ -99,16 +99,21 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "git": "git",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "microsoft/git-base": "git",
+    "microsoft/git-base-coco": "git",
+    "microsoft/git-large-coco": "git",
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-git": "git",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -123,6 +128,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "git":
+        from . import git
+
+        return git
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -288,6 +297,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "GitProcessor": "git",
 }
 
 
