@@ -200,9 +200,19 @@ def test_best_reloads_with_plain_transformers_and_gives_the_caption_commands_cap
                  *map(str, images)]) == 0
     assert capsys.readouterr().out.splitlines() == plain
     assert Captioner.load(full_run / "best", device="cpu").caption([str(p) for p in images]) == plain
-    card = (full_run / "best" / "README.md")
-    if card.is_file():
-        assert "GitForCausalLM" in card.read_text() and "token_type_ids" in card.read_text()
+
+
+def test_model_card_snippet_captions_as_captune_does(full_run, data, capsys):
+    card = (full_run / "best" / "README.md").read_text()
+    assert "GitForCausalLM" in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    image = sorted((data / "validation").glob("*.png"))[0]
+    code = snippet.replace("path/to/this/directory", str(full_run / "best")).replace("photo.jpg", str(image))
+    capsys.readouterr()
+    exec(compile(code, "model_card_snippet", "exec"), {})  # plain transformers, with the recorded options
+    from_card = capsys.readouterr().out.splitlines()
+    assert main(["caption", "--model", str(full_run / "best"), str(image)]) == 0
+    assert capsys.readouterr().out.splitlines() == from_card
 
 
 def test_eval_report_and_export_work_on_a_git_run(full_run, data, tmp_path):
@@ -211,7 +221,8 @@ def test_eval_report_and_export_work_on_a_git_run(full_run, data, tmp_path):
     out = tmp_path / "eval"
     assert main(["-q", "eval", "--model", str(full_run / "best"), "--data", str(data), "--output", str(out),
                  "--num-beams", "1", "--max-new-tokens", "5"]) == 0
-    assert (out / "metrics.json").is_file() or list(out.glob("*metrics*"))
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and "cider" in json.loads((out / "metrics.json").read_text())
     assert main(["-q", "report", str(full_run)]) == 0 and (full_run / "report.html").is_file()
     exported = tmp_path / "exported"
     assert main(["-q", "export", str(full_run), "--output", str(exported)]) == 0
