@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
-    demo.add_argument("--model", help="tiny preset to fine-tune (default tiny; e.g. tiny-git)")
+    demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
+                      "tiny-florence2)")
     return parser
 
 

@@ -100,6 +100,7 @@ from ..errors import CaptuneError
 MODEL_TYPES = {
     "blip": "blip",
     "git": "git",
+    "florence2": "florence2",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
@@ -109,11 +110,13 @@ KNOWN_HUB_IDS = {
     "microsoft/git-base": "git",
     "microsoft/git-base-coco": "git",
     "microsoft/git-large-coco": "git",
+    **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
     "tiny-git": "git",
+    "tiny-florence2": "florence2",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -132,6 +135,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import git
 
         return git
+    if family == "florence2":
+        from . import florence2
+
+        return florence2
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -298,6 +305,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
     "GitProcessor": "git",
+    "Florence2Processor": "florence2",
 }
 
 
