@@ -241,31 +241,3 @@ def test_lora_run_resumes_exactly_and_reloads_merged(data, tmp_path, monkeypatch
     assert len(caption_images(adapted.eval(), processor, [Image.open(s.image).convert("RGB") for s in samples],
                               GenerationOptions(max_new_tokens=3))) == len(samples)
 
-
-def test_tiny_git_learns_the_shapes_under_its_defaults(tmp_path):
-    """Direction, not a tuned threshold: the loss falls a lot and held-out captions get far better than untrained,
-    with the preset's own defaults (lr 1e-3 left unset here)."""
-    from captune.config import load_config
-    from captune.evaluate import evaluate
-    from captune.models import family_defaults
-    from captune.config import resolve_defaults
-    from captune.train import eval_options, train
-
-    data = make_synthetic(tmp_path / "data", n_train=192, n_val=24, seed=7)
-    cfg = resolve_defaults(load_config(None, {
-        "output": str(tmp_path / "run"), "data": {"path": str(data), "num_workers": 0}, "model": {"name": PRESET},
-        "train": {"epochs": 4, "log_every_steps": 2},
-        "eval": {"num_beams": 1, "max_new_tokens": 8, "min_new_tokens": 0, "batch_size": 24},
-    }), family_defaults(PRESET))
-    assert cfg.train.lr == 1e-3
-    held_out = build_dataset(data).validation
-    model, processor = load_model_and_processor(PRESET, seed=cfg.train.seed)
-    before = evaluate(model, processor, held_out, eval_options(cfg), meteor=False)
-    train(cfg, model=model, processor=processor)
-    tuned, tuned_processor = load_model_and_processor(str(tmp_path / "run" / "best"))
-    after = evaluate(tuned, tuned_processor, held_out, eval_options(cfg), meteor=False)
-    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "train"]
-    print("tiny-git exact match before/after:", before.metrics["exact_match"], after.metrics["exact_match"], losses)
-    assert losses[-1] < 0.3 * losses[0]
-    assert before.metrics["exact_match"] == 0.0
-    assert after.metrics["cider"] > before.metrics["cider"] + 1.0
