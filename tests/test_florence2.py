@@ -243,3 +243,16 @@ def test_long_captions_are_shown_whole_in_a_wide_scrolling_card(tmp_path):
     assert f"<span class=long>{LONG}</span>" in html  # the whole caption, never cut
     assert report._card(short, None, short, {}, ("base model", "best/")).startswith("<div class=card>")
     assert ".long{display:block;max-height:12em;overflow:auto" in report._CSS
+
+
+@pytest.mark.parametrize("preset", sorted(models.PRESETS))
+def test_caption_lengths_are_the_untruncated_training_rows(preset):
+    """What `captune check` counts is what `tokenize` would build without the limit, for every family."""
+    family = models.family_for(preset)
+    _, processor = load_model_and_processor(preset)
+    captions = ["two red circles", LONG]
+    for prompt in ("", "a picture of"):
+        counted = family.caption_lengths(family.preset_tokenizer(preset), captions, prompt)
+        rows = [family.tokenize(processor, [c], prompt=prompt, max_tokens=1000) for c in captions]
+        key = "labels" if "decoder_input_ids" in rows[0] else "input_ids"  # an encoder-decoder's rows are targets
+        assert counted == [r[key].shape[1] for r in rows]
