@@ -219,8 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its file (and line). Exit 0 when clean, 1 when it found errors.")
     check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
     _data_flags(check)
-    check.add_argument("--max-caption-tokens", type=int, default=40,
-                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--model", default="tiny", help="count caption tokens as this model trains on them: a preset "
+                       "(e.g. tiny-florence2), a model directory or a cached hub id (default tiny, BLIP's tokenizer)")
+    check.add_argument("--max-caption-tokens", type=int, default=None,
+                       help="count captions longer than this many tokens (default: the model family's "
+                       "data.max_caption_tokens, as training)")
     check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -281,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
+                      "tiny-florence2)")
     _show_config_defaults(train)
     for sub in commands.choices.values():
         _global_flags(sub, top=False)
@@ -505,8 +510,9 @@ def cmd_eval(args) -> int:
     from accelerate import Accelerator
 
     from .data import Shards, build_dataset
-    from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
-    from .metrics import guard_warnings
+    from .evaluate import evaluate, merge_predictions
+    from .files import write_json, write_jsonl
+    from .metrics import format_metrics_table, guard_warnings
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
 
@@ -573,13 +579,15 @@ def cmd_check(args) -> int:
 
     from .data.records import DEFAULT_MAX_PIXELS
     from .data.validate import check_dataset, format_report
+    from .models import family_defaults
 
     report = check_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
-        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
+        max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
+        prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
+        progress=not args.quiet,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0
@@ -634,7 +642,7 @@ def cmd_export(args) -> int:
     source = Path(args.run) / "best" if (Path(args.run) / "best").is_dir() else Path(args.run)
     if (source / "README.md").is_file() and not (output / "README.md").exists():
         shutil.copy(source / "README.md", output / "README.md")  # the model card goes along
-    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
     if args.push_to_hub:
         from .hub import push_folder
 
@@ -655,24 +663,8 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, model=args.model)
     return 0
-
-
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
-                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
-
-
-def format_metrics_table(columns: dict[str, dict]) -> str:
-    """A plain-text table: one row per metric, one column per named metrics dict."""
-    names = list(columns)
-    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
-    keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    first = max(map(len, keys), default=6) + 2
-    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for key in keys:
-        lines.append(f"{key:<{first}}" + "".join(f"{_fmt(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
-    return "\n".join(lines)
 
 
 def _fmt(value) -> str:
