@@ -79,14 +79,18 @@ def test_version(capsys):
 def test_train_help_shows_every_default():
     parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
-    defaults = to_dict(Config())
+    from captune.model import DEFAULT_MODEL
+    from captune.models import family_defaults
+
+    defaults, by_family = to_dict(Config()), family_defaults(DEFAULT_MODEL)
     for action in train._actions:
         if action.dest in TRAIN_FLAGS:
+            key = ".".join(TRAIN_FLAGS[action.dest])
             value = defaults
             for part in TRAIN_FLAGS[action.dest]:
                 value = value[part]
-            shown = value if value not in ("", None) else "none"
-            assert f"(default: {shown}; config key {'.'.join(TRAIN_FLAGS[action.dest])})" in action.help, action.dest
+            shown = by_family[key] if value is None and key in by_family else value if value not in ("", None) else "none"
+            assert f"(default: {shown}" in action.help and f"config key {key})" in action.help, action.dest
     helptext = train.format_help()
     assert "default: 1e-05" in helptext and "--learning-rate" in helptext and "-q, --quiet" in helptext
 

@@ -95,17 +95,24 @@ TRAIN_FLAGS = {
 def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
     """Append "(default: X, KEY)" to every train flag's help, X read from the config dataclasses themselves."""
     from .config import Config, to_dict
+    from .model import DEFAULT_MODEL
+    from .models import family_defaults
 
     defaults = to_dict(Config())
+    by_family = family_defaults(DEFAULT_MODEL)  # keys left unset (None) in the config take the model family's value
     for action in parser._actions:
         path = TRAIN_FLAGS.get(action.dest)
         if path is None or (action.help and "(default: " in action.help):
             continue
+        key = ".".join(path)
         value = defaults
         for part in path:
             value = value[part]
-        shown = value if value not in ("", None) else "none"
-        note = f"(default: {shown}; config key {'.'.join(path)})"
+        if value is None and key in by_family:
+            shown = f"{by_family[key]} for {DEFAULT_MODEL}, set by the model family"
+        else:
+            shown = value if value not in ("", None) else "none"
+        note = f"(default: {shown}; config key {key})"
         action.help = f"{action.help} {note}" if action.help else note
 
 
