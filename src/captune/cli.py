@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import CaptuneError
+from .models import PRESETS
 
 log = logging.getLogger("captune")
 
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", default="tiny", choices=list(PRESETS),
+                      help="tiny preset to fine-tune (default tiny, the BLIP one)")
     return parser
 
 
@@ -479,7 +483,7 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, preset=args.model)
     return 0
 
 

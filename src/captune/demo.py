@@ -27,19 +27,25 @@ DEMO_RECIPE = {
 N_TRAIN, N_VAL = 1500, 100
 
 
-def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL) -> dict:
-    """Run the demo end to end and return {"before": metrics, "after": metrics, "examples": [...]}."""
+def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL,
+             preset: str = TINY) -> dict:
+    """Run the demo end to end and return {"before": metrics, "after": metrics, "examples": [...]}.
+
+    `preset` is a tiny preset; another family's preset trains under its own defaults (lr, batch size) where the
+    recipe's are BLIP's, and the recipe's epochs and decoding."""
     output = Path(output)
+    name = preset
     data_dir = make_synthetic(output / "data", n_train=n_train, n_val=n_val)
     log.info("synthetic data: %d training and %d held-out images in %s", n_train, n_val, data_dir)
-    overrides = {"output": str(output), "data": {"path": str(data_dir)}}
+    overrides = {"output": str(output), "data": {"path": str(data_dir)}, "model": {"name": name}}
     if epochs is not None:
         overrides["train"] = {"epochs": epochs}
-    cfg = load_config(None, _merged(DEMO_RECIPE, overrides))
+    recipe = DEMO_RECIPE if name == TINY else _merged(DEMO_RECIPE, {"train": {"lr": None, "batch_size": None}})
+    cfg = load_config(None, _merged(recipe, overrides))
     held_out = build_dataset(data_dir).validation
     options = eval_options(cfg)
 
-    model, processor = load_model_and_processor(TINY, seed=cfg.train.seed)
+    model, processor = load_model_and_processor(name, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning before")
     result = train(cfg, model=model, processor=processor, before=before)
     if result.best_step == result.steps:

@@ -99,16 +99,21 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "blip-2": "blip2",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "Salesforce/blip2-opt-2.7b": "blip2",
+    "Salesforce/blip2-flan-t5-xl": "blip2",
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-blip2": "blip2",
+    "tiny-blip2-t5": "blip2",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -123,6 +128,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "blip2":
+        from . import blip2
+
+        return blip2
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -288,6 +297,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "Blip2Processor": "blip2",
 }
 
 
