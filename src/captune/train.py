@@ -620,7 +620,8 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
         pairs += batch.pop("pairs")
         # The window is known up front, so the sync point is set here rather than by `accelerator.accumulate`, whose
         # end-of-loader detection fires as soon as the epoch's last batch is fetched, i.e. early in a prefetched
-        # window. The prepared optimizer steps only when this is True.
+        # window. The prepared optimizer steps only when this is True (and DeepSpeed takes its accumulation boundary
+        # from it, so a short window steps there too).
         accelerator.sync_gradients = position == len(window) - 1
         seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
         with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
