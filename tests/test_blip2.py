@@ -264,23 +264,35 @@ def test_saved_best_reloads_with_plain_transformers_and_captions_as_captune(name
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_learns_under_its_defaults(name, tmp_path):
-    """Direction, not a tuned threshold: under the preset's own defaults (lr, mode) the loss falls a lot and the
-    held-out captions move towards the references (the full demo reaches exact match >= 0.8, see README)."""
-    from captune.data import build_dataset
-    from captune.evaluate import evaluate
-    from captune.train import eval_options, train
+    """Direction, not a tuned threshold: under the preset's own defaults (lr 1e-3, mode full) the training loss and
+    the held-out (teacher-forced) validation loss fall a lot within a few dozen steps. The demo's exact-match figure
+    is in the README."""
+    from captune.train import train
 
-    data = make_synthetic(tmp_path / "data", n_train=192, n_val=24, seed=7)
+    data = make_synthetic(tmp_path / "data", n_train=96, n_val=16, seed=7)
     cfg = load_config(None, {
         "output": str(tmp_path / "run"), "data": {"path": str(data), "num_workers": 0}, "model": {"name": name},
-        "train": {"epochs": 4, "log_every_steps": 1}, "eval": {"batch_size": 24, "caption_before": False},
+        "train": {"epochs": 3, "batch_size": 8, "log_every_steps": 1, "label_smoothing": 0.0},
+        "eval": {"batch_size": 16, "max_new_tokens": 6},
     })
-    model, processor = load_model_and_processor(name, seed=cfg.train.seed)
-    held_out = build_dataset(data).validation
-    before = evaluate(model, processor, held_out, eval_options(cfg), meteor=False)
-    train(cfg, model=model, processor=processor)
+    train(cfg)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [r["loss"] for r in records if r["split"] == "train"]
-    after = [r for r in records if r["split"] == "validation"][-1]
-    assert losses[-1] < 0.4 * losses[0], losses
-    assert after["cider"] > before.metrics["cider"] + 0.5, (before.metrics["cider"], after["cider"])
+    validation = [r["loss"] for r in records if r["split"] in ("before", "validation")]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert validation[-1] < 0.5 * validation[0], validation
+
+
+def test_full_size_parameter_counts_behind_the_readme_memory_figures():
+    from transformers import Blip2ForConditionalGeneration
+
+    family = models.family_module("blip2")
+    counts = {}
+    for lm in ("opt", "t5"):
+        with torch.device("meta"):  # the architecture only: no memory, nothing downloaded
+            model = Blip2ForConditionalGeneration(family.full_size_config(lm))
+        family.set_trainable(model, "frozen-lm")
+        counts[lm] = (sum(p.numel() for p in model.parameters()),
+                      sum(p.numel() for p in model.parameters() if p.requires_grad))
+    assert round(counts["opt"][0] / 1e6) == 3745 and round(counts["t5"][0] / 1e6) == 3877
+    assert round(counts["opt"][1] / 1e6) == round(counts["t5"][1] / 1e6) == 1093

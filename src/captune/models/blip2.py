@@ -134,6 +134,24 @@ def tiny_config(name: str, tokenizer) -> Blip2Config:
                        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
+def full_size_config(language_model: str = "opt") -> Blip2Config:
+    """The architecture of Salesforce/blip2-opt-2.7b ("opt") or blip2-flan-t5-xl ("t5"), for random-weight
+    benchmarks and memory arithmetic (3.745 B / 3.877 B parameters); nothing is downloaded."""
+    from transformers import OPTConfig, T5Config
+
+    if language_model == "t5":
+        text = T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
+                        num_heads=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        image_token = 32100
+    else:
+        text = OPTConfig(vocab_size=50272, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
+                         num_attention_heads=32, word_embed_proj_dim=2560, max_position_embeddings=2048,
+                         eos_token_id=50118)
+        image_token = 50265
+    return Blip2Config(text_config=text.to_dict(), num_query_tokens=32, image_token_index=image_token,
+                       vision_config={"initializer_range": 0.02})
+
+
 def tiny(name: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
     """A tiny preset: random weights seeded by `seed`, an offline BPE tokenizer; its processor inserts the
     placeholders (num_query_tokens set)."""
