@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output that already holds a run (its checkpoints, best/ and last/ "
+                       "are replaced); without it, or --resume, such a directory is refused")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
     train.add_argument("--objective", choices=["ce", "scst"],
@@ -168,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send its headers, and each piece of its body (default 10)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections; past it new ones get 503 at once (default 256)")
     _guard_flags(serve.add_argument_group("generation defaults"), "the model dir's captune.json, else ")
 
     report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
@@ -179,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exports RUN/best (or a model/adapter directory) as a directory that "
                                  "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
     export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
-    export.add_argument("--output", required=True, help="directory to write")
+    export.add_argument("--output", required=True, help="directory to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export (a model directory) at --output")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
@@ -294,7 +302,7 @@ def cmd_train(args) -> int:
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
         return 0
@@ -360,7 +368,10 @@ def cmd_eval(args) -> int:
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
+        strict=False, require_train=False,  # bad rows are skipped as training skips them, and named
     )
+    for problem in data.problems:
+        log.warning("skipped %s", problem)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     samples = (data.validation or data.train) if args.split == "auto" else splits[args.split]
     if not samples:
@@ -453,7 +464,8 @@ def cmd_serve(args) -> int:
     try:
         limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                              max_images=args.max_images, max_batch_size=args.max_batch_size,
-                             batch_wait_s=args.batch_wait_ms / 1000)
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout_s=args.read_timeout,
+                             max_connections=args.max_connections)
     except ValueError as exc:
         raise CaptuneError(f"serve limits: {exc}") from exc
     defaults = {name: getattr(args, name) for name in ("repetition_penalty", "no_repeat_ngram_size", "length_penalty")
@@ -466,7 +478,7 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_merged
 
-    output = export_merged(args.run, args.output)
+    output = export_merged(args.run, args.output, overwrite=args.overwrite)
     log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
     return 0
 

@@ -6,6 +6,7 @@ YAML holds values only; nothing in it names code to import.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,8 +173,8 @@ class TrainConfig:
         for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):  # `nan <= 0` is False
+            raise ValueError(f"train.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.label_smoothing < 1:
@@ -293,6 +294,11 @@ def from_dict(values: dict, cls=Config, where: str = ""):
             raise CaptuneError(f"unknown config key '{dotted}' (known: {', '.join(sorted(known))})")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
+            if value is not None and not isinstance(value, dict):
+                # `--set train=0` would otherwise reset the whole section to its defaults without a word.
+                first = dataclasses.fields(kind)[0].name
+                raise CaptuneError(f"{dotted} is a section, not a value (got {value!r}): set one of its keys, e.g. "
+                                   f"--set {dotted}.{first}=...")
             kwargs[key] = from_dict(value or {}, kind, dotted)
         else:
             kwargs[key] = _coerce(value, kind, dotted)
@@ -323,6 +329,8 @@ def _coerce(value, kind, dotted: str):
             return value
         raise CaptuneError(f"{dotted} must be true or false, got {value!r}")
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise CaptuneError(f"{dotted} must be a finite number, got {value!r}")
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -375,7 +383,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
-            raise CaptuneError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise CaptuneError(f"{where}: not valid YAML ({what}): check the indentation and quoting there") from exc
         if not isinstance(values, dict):
             raise CaptuneError(f"config file {path} must hold a mapping of sections (data, model, train, eval)")
     if isinstance(overrides, dict):

@@ -47,7 +47,8 @@ def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRA
 
     model, processor = load_model_and_processor(name, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning before")
-    result = train(cfg, model=model, processor=processor, before=before)
+    # Rerunning the demo replaces the previous demo's run (demo.json marks it as one), never another run.
+    result = train(cfg, model=model, processor=processor, before=before, overwrite=(output / "demo.json").is_file())
     if result.best_step == result.steps:
         # best/ is the final model, which train() has just scored on these images (METEOR included).
         lines = (output / "val_predictions.jsonl").read_text(encoding="utf-8").splitlines()

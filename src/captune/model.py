@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import CaptuneError
 from .models import (  # noqa: F401  (re-exported: callers read settings and probe the Hub through here)
     ADAPTER_CONFIG, DEFAULT_MODEL, SETTINGS_FILE, TINY, base_of_adapter, family_for, hub_reachable,
     load_captune_settings,
@@ -40,11 +41,38 @@ def load_model_and_processor(name: str, *, seed: int = 0, sdpa: bool = True):
     path = Path(name).expanduser()
     if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
         model, processor = _from_adapter(path)
+    elif path.is_dir():
+        model, processor = _from_pickled_or_safe(family, path, seed)
     else:
         model, processor = family.load(name, seed=seed)
     if sdpa:
         enable_sdpa(model)
     return model, processor
+
+
+def _from_pickled_or_safe(family, path: Path, seed: int):
+    """A local model directory; pickled weights (pytorch_model.bin) are named in a warning, and refused clearly
+    when they hold anything but tensors.
+
+    transformers prefers model.safetensors when both are present, and reads .bin files with torch's weights-only
+    unpickler, so no code runs either way; what this adds is saying so, instead of loading silently or failing
+    with a page of torch.load advice.
+    """
+    import pickle
+
+    pickled = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickled and not any(path.glob("model*.safetensors")):
+        log.warning("%s holds pickled weights (%s), not safetensors: loading them with PyTorch's weights-only "
+                    "unpickler; `captune export %s --output DIR` writes a safetensors copy", path,
+                    ", ".join(pickled), path)
+    try:
+        return family.load(str(path), seed=seed)
+    except pickle.UnpicklingError as exc:
+        raise CaptuneError(
+            f"{path}: {', '.join(pickled) or 'the weights file'} holds Python objects besides tensors, which captune "
+            "refuses to unpickle (that can run arbitrary code); use a model directory with model.safetensors, or "
+            "convert this one on a machine where you trust its origin"
+        ) from exc
 
 
 def _from_adapter(path: Path):

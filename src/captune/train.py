@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .checkpoint import (
-    StopRequests, clear_run_state, latest_checkpoint, load_checkpoint, remove_partial_checkpoints, save_checkpoint,
-    save_model,
+    StopRequests, checkpoint_dirs, clear_run_state, existing_run, keep_best_for_resume, latest_checkpoint,
+    load_checkpoint, remove_partial_checkpoints, restore_best, save_checkpoint, save_model,
 )
 from .config import Config, resolve_defaults, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
@@ -266,8 +266,24 @@ def trainable_model(cfg: Config, model=None, processor=None):
     return model, processor
 
 
+def _check_run_directory(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an --output that cannot hold a run, or that holds another run (unless resuming or overwriting)."""
+    if output.exists() and not output.is_dir():
+        raise CaptuneError(f"--output {output} is a file: pass a directory for the run (it is created)")
+    parent = next((p for p in [output, *output.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CaptuneError(f"--output {output}: {parent} is not writable: choose a directory you can write to")
+    found = existing_run(output)
+    if found and not (resume or overwrite):
+        raise CaptuneError(f"--output {output} already holds a run ({', '.join(found)}): pass --resume to continue "
+                           "it, --overwrite to replace it, or choose another --output")
+
+
 def _start_run_directory(output: Path, cfg: Config, fresh: bool) -> None:
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CaptuneError(f"--output {output}: cannot create the run directory ({exc.strerror})") from exc
     if fresh:
         clear_run_state(output)
     remove_partial_checkpoints(output)
@@ -296,7 +312,8 @@ def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) ->
         skipped.append(item)
 
 
-def train(cfg: Config, *, model=None, processor=None, resume: bool = False, before=None) -> TrainResult:
+def train(cfg: Config, *, model=None, processor=None, resume: bool = False, overwrite: bool = False,
+          before=None) -> TrainResult:
     """Fine-tune a captioner as `cfg` says and write the run directory.
 
     Args:
@@ -304,7 +321,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             values are what RUN/config.yaml records.
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
-        resume: continue from the newest complete checkpoint in RUN/checkpoints/ (from scratch when none).
+        resume: continue from the newest intact checkpoint in RUN/checkpoints/ (from scratch when none).
+        overwrite: start afresh in an output directory that already holds a run (refused otherwise).
         before: the untrained model's `EvalResult` on the validation images, when the caller already has it (the
             demo): the report's "before" captions are then not decoded a second time.
 
@@ -327,6 +345,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
         gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
     )
     main = accelerator.is_main_process
+    _check_run_directory(output, resume, overwrite)
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes into the directory
     set_seed(cfg.train.seed)
     checkpoint = latest_checkpoint(output) if resume else None
     if resume and checkpoint is None:
@@ -376,22 +396,25 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / t.grad_accum))
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process), so it is
-    # registered for save_state explicitly.
+    # Stepped by hand once per optimizer step (not prepared: Accelerate would step it once per process). Its state
+    # goes into the checkpoint's JSON, not through register_for_checkpointing: Accelerate unpickles registered
+    # objects with weights_only=False, so a shared checkpoint could run code on resume.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps,
         min_lr_rate=t.min_lr_ratio,
     )
-    accelerator.register_for_checkpointing(scheduler)
     # Everything the loop needs to continue exactly where a checkpoint left off.
     state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
              "validated_step": None, "skipped": skipped}
     step = 0
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        checkpoint, state = _restore_newest_intact(accelerator, output)
         step = state.pop("step")
+        if "scheduler" in state:
+            scheduler.load_state_dict(state.pop("scheduler"))
         if main:
             truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
+            restore_best(output, state["best_step"])
         log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
     metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
     if trackers:
@@ -442,13 +465,15 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
             if improved:
                 # The report's gallery shows best/'s captions, not whichever model validated last.
                 write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
+                keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
                 save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
                            card(result.metrics, step))
         accelerator.wait_for_everyone()
         validation_seconds += time.perf_counter() - validation_started
 
     def checkpoint_now() -> None:
-        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last)
+        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
+                        scheduler=scheduler)
 
     def patience_spent() -> bool:
         return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
@@ -592,6 +617,23 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, befo
     accelerator.end_training()
     return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
                        final_metrics=final_metrics)
+
+
+def _restore_newest_intact(accelerator, output: Path) -> tuple[Path, dict]:
+    """Load the newest checkpoint that verifies and restores; a damaged one is named in a warning and skipped.
+
+    Raises:
+        CaptuneError: no checkpoint of the run can be restored (the newest one's reason is given).
+    """
+    reasons = []
+    for checkpoint in reversed(checkpoint_dirs(output)):
+        try:
+            return checkpoint, load_checkpoint(accelerator, checkpoint)
+        except CaptuneError as exc:
+            reasons.append(str(exc))
+            log.warning("%s; falling back to the previous checkpoint", exc)
+    raise CaptuneError(f"--resume: no checkpoint in {output}/checkpoints can be restored ({reasons[0] if reasons else 'none'}); "
+                       "rerun without --resume (and with --overwrite) to start over")
 
 
 def backward_window(accelerator, model, vision, window: list[dict], *, label_smoothing: float, seed: int, epoch: int,

@@ -25,7 +25,7 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
     try:
         data = build_dataset(path, data_format=data_format, image_root=image_root, image_column=image_column,
                              caption_column=caption_column, train_split=train_split, eval_split=eval_split,
-                             strict=False)
+                             strict=False, require_train=False)
     except CaptuneError as exc:
         report["problems"].append({"where": str(path), "id": "", "reason": str(exc)})
         report["errors"] = 1
