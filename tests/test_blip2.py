@@ -300,3 +300,14 @@ def test_full_size_parameter_counts_behind_the_readme_memory_figures():
                       sum(p.numel() for p in model.parameters() if p.requires_grad))
     assert round(counts["opt"][0] / 1e6) == 3745 and round(counts["t5"][0] / 1e6) == 3877
     assert round(counts["opt"][1] / 1e6) == round(counts["t5"][1] / 1e6) == 1093
+
+
+def test_caption_lengths_count_the_rows_tokenize_builds(preset):
+    name, model, processor, family = preset
+    captions = ["a dog", "two red circles in a row"]
+    lengths = family.caption_lengths(processor.tokenizer, captions, "a picture of")
+    batch = family.tokenize(processor, captions, prompt="a picture of", max_tokens=64)
+    rows = batch.get("decoder_attention_mask", batch["attention_mask"]).sum(1)
+    if not model.config.is_encoder_decoder:
+        rows = rows - processor.num_query_tokens
+    assert lengths == rows.tolist()

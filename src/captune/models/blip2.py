@@ -290,6 +290,16 @@ def _tokenize_t5(processor, captions: list[str], *, prompt: str, max_tokens: int
             "decoder_attention_mask": decoder_attention_mask, "labels": labels}
 
 
+def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
+    """Positions each caption's text row takes before truncation (max_caption_tokens counts these; the `<image>`
+    placeholders come on top). OPT: bos `</s>`, the prompt, the caption, "\n". T5: the decoder's start token, the
+    caption, `</s>` (the prompt is the encoder's)."""
+    if not _adds_bos(tokenizer):
+        return [len(ids) + 1 for ids in tokenizer(list(captions))["input_ids"]]
+    text = [(f"{prompt.strip()} {caption}" if prompt.strip() else caption) + END_OF_CAPTION for caption in captions]
+    return [len(ids) for ids in tokenizer(text)["input_ids"]]
+
+
 def start_token_id(processor) -> int:
     """OPT: bos `</s>` (generate() appends text_config.bos_token_id to the placeholders); T5: the decoder's start
     token, pad (decoder_start_token_id)."""
