@@ -132,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its file (and line). Exit 0 when clean, 1 when it found errors.")
     check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
     _data_flags(check)
-    check.add_argument("--max-caption-tokens", type=int, default=40,
-                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--model", default="tiny", help="count caption tokens as this model trains on them: a preset "
+                       "(e.g. tiny-florence2), a model directory or a cached hub id (default tiny, BLIP's tokenizer)")
+    check.add_argument("--max-caption-tokens", type=int, default=None,
+                       help="count captions longer than this many tokens (default: the model family's "
+                       "data.max_caption_tokens, as training)")
     check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -192,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
+                      "tiny-florence2)")
     return parser
 
 
@@ -423,13 +428,14 @@ def cmd_check(args) -> int:
 
     from .data.records import DEFAULT_MAX_PIXELS
     from .data.validate import check_dataset, format_report
+    from .models import family_defaults
 
     report = check_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
-        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+        max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
+        prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0
@@ -491,7 +497,7 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, model=args.model)
     return 0
 
 

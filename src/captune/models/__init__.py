@@ -99,16 +99,24 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "git": "git",
+    "florence2": "florence2",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "microsoft/git-base": "git",
+    "microsoft/git-base-coco": "git",
+    "microsoft/git-large-coco": "git",
+    **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-git": "git",
+    "tiny-florence2": "florence2",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -123,6 +131,14 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "git":
+        from . import git
+
+        return git
+    if family == "florence2":
+        from . import florence2
+
+        return florence2
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -288,6 +304,8 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "GitProcessor": "git",
+    "Florence2Processor": "florence2",
 }
 
 
@@ -306,6 +324,35 @@ def all_sdpa_forward(module):
         if forward is not None:
             return forward
     return None
+
+
+def caption_counter(name: str, prompt: str):
+    """A function captions -> positions each takes of `data.max_caption_tokens` for the model `name` (a preset,
+    a model or adapter directory, or a cached hub id), without loading weights (`captune check`).
+
+    Raises:
+        CaptuneError: an unsupported model, or a tokenizer that cannot be read offline.
+    """
+    family = family_for(name)
+    if name in PRESETS:
+        tokenizer = family.preset_tokenizer(name)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "tokenizer_config.json").is_file():
+            return caption_counter(base_of_adapter(path)[0], prompt)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CaptuneError(f"cannot read the tokenizer of '{name}' offline ({first_line(exc)}): pass a model "
+                               "directory or a preset to --model") from exc
+    return lambda captions: family.caption_lengths(tokenizer, list(captions), prompt)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def counting_tokenizer(name: str = TINY):
