@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run(args.output / f"seed{seed}", seed=seed, n_train=args.n_train, n_val=args.n_val,
                         ce_steps=args.ce_steps, steps=args.steps, ce_lr=args.ce_lr, lr=args.lr, scst_lr=args.scst_lr,
                         batch_size=args.batch_size, scst_batch_size=args.scst_batch_size, samples=args.samples))
-    print(f"| seed | CE {args.ce_steps} steps | + {args.steps} CE | + {args.steps} SCST | SCST / CE |")
+    print(f"| seed | CE {args.ce_steps} steps | + {args.steps} CE | + {args.steps} SCST | "
+          "SCST - CE |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
-        ratio = r["scst"]["cider"] / r["ce_more"]["cider"] if r["ce_more"]["cider"] else float("inf")
         print(f"| {r['seed']} | {r['ce']['cider']:.3f} | {r['ce_more']['cider']:.3f} | {r['scst']['cider']:.3f} | "
-              f"{ratio:.2f}x |")
+              f"{r['scst']['cider'] - r['ce_more']['cider']:+.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows},
                                         indent=2))
