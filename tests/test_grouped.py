@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from captune.checkpoint import EpochSampler
+from captune.data.sampling import EpochSampler
 from captune.cli import main
 from captune.data import CaptionSample, training_dataset
 from captune.data.collate import CaptionCollator

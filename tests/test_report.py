@@ -298,11 +298,12 @@ def test_model_cards_have_hub_front_matter(run):
 
 def test_model_card_base_model_is_a_hub_id_only():
     from captune.modelcard import hub_base_model, model_card
+    from captune.models import family_module
 
     assert hub_base_model("Salesforce/blip-image-captioning-base") == "Salesforce/blip-image-captioning-base"
     assert hub_base_model("tiny") is None and hub_base_model("./runs/x/best") is None
     card = model_card(base_model="Salesforce/blip-image-captioning-base", data={}, hyperparameters={},
-                      metrics=None, generation={"num_beams": 3})
+                      metrics=None, generation={"num_beams": 3}, family=family_module("blip"))
     assert yaml.safe_load(card.split("---\n")[1])["base_model"] == "Salesforce/blip-image-captioning-base"
     assert "No validation data" in card
 

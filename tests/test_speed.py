@@ -155,7 +155,7 @@ def test_train_config_flags_reach_the_model(tmp_path):
 @pytest.mark.parametrize("sdpa", [False, True])
 def test_beam_search_cache_gives_the_default_caches_tokens(tiny, sdpa):
     """Not reordering the cross-attention keys is exact: all beams of an image hold the same ones."""
-    from captune.speed import beam_search_cache
+    from captune.models.blip_sdpa import beam_search_cache
 
     model, processor = tiny
     candidate = copy.deepcopy(model).eval()

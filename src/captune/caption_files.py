@@ -227,14 +227,37 @@ def _open_sink(output: str | None, stdout: TextIO) -> _Sink:
     if not output:
         return _Sink(stdout)
     target = Path(output)
+    if target.is_dir():
+        # Checked before any captioning: the finished captions would otherwise be thrown away at the rename.
+        raise CaptuneError(f"--output {output} is a directory: name a file (e.g. {target / 'captions.txt'})")
     if not target.parent.is_dir():
         raise CaptuneError(f"--output {output}: directory {target.parent} does not exist")
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, temp = _mkstemp_like(target)
+    except PermissionError as exc:
+        raise CaptuneError(f"--output {output}: cannot write in {target.parent} ({exc.strerror})") from exc
     return _Sink(os.fdopen(fd, "w", encoding="utf-8", newline=""), target, temp)
 
 
+def _mkstemp_like(target: Path) -> tuple[int, str]:
+    """A temporary file beside `target` with the mode `target` has (or a new file would get from the umask).
+
+    mkstemp creates 0600 files; renamed into place unchanged they would leave captions, sidecars and --overwrite'n
+    files readable by their owner only, whatever the umask says.
+    """
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        mode = 0o666 & ~mask
+    os.fchmod(fd, mode)
+    return fd, temp
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, temp = _mkstemp_like(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)

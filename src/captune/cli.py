@@ -85,13 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
     train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output that already holds a run (its checkpoints, best/ and last/ "
+                       "are replaced); without it, or --resume, such a directory is refused")
     train.add_argument("--report-to", help="trackers besides metrics.jsonl: auto (TensorBoard if installed), none, "
                        "or a comma list of tensorboard, wandb, mlflow")
     train.add_argument("--objective", choices=["ce", "scst"],
@@ -129,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its file (and line). Exit 0 when clean, 1 when it found errors.")
     check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
     _data_flags(check)
-    check.add_argument("--max-caption-tokens", type=int, default=40,
-                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--model", default="tiny", help="count caption tokens as this model trains on them: a preset "
+                       "(e.g. tiny-florence2), a model directory or a cached hub id (default tiny, BLIP's tokenizer)")
+    check.add_argument("--max-caption-tokens", type=int, default=None,
+                       help="count captions longer than this many tokens (default: the model family's "
+                       "data.max_caption_tokens, as training)")
     check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     serve.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image in pixels (default 40M)")
     serve.add_argument("--max-images", type=int, default=16, help="most images in one request (default 16)")
+    serve.add_argument("--read-timeout", type=float, default=10.0,
+                       help="seconds a client has to send its headers, and each piece of its body (default 10)")
+    serve.add_argument("--max-connections", type=int, default=256,
+                       help="open connections; past it new ones get 503 at once (default 256)")
     _guard_flags(serve.add_argument_group("generation defaults"), "the model dir's captune.json, else ")
 
     report = commands.add_parser("report", help="rebuild RUN/report.html from a run directory",
@@ -177,13 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Exports RUN/best (or a model/adapter directory) as a directory that "
                                  "BlipForConditionalGeneration.from_pretrained loads without captune or peft.")
     export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
-    export.add_argument("--output", required=True, help="directory to write")
+    export.add_argument("--output", required=True, help="directory to write (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export (a model directory) at --output")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
+                      "tiny-florence2)")
     return parser
 
 
@@ -290,7 +304,7 @@ def cmd_train(args) -> int:
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.interrupted:
         # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
         return 0
@@ -346,8 +360,9 @@ def cmd_eval(args) -> int:
     from accelerate import Accelerator
 
     from .data import Shards, build_dataset
-    from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
-    from .metrics import guard_warnings
+    from .evaluate import evaluate, merge_predictions
+    from .files import write_json, write_jsonl
+    from .metrics import format_metrics_table, guard_warnings
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
 
@@ -355,7 +370,10 @@ def cmd_eval(args) -> int:
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
+        strict=False, require_train=False,  # bad rows are skipped as training skips them, and named
     )
+    for problem in data.problems:
+        log.warning("skipped %s", problem)
     splits = {"train": data.train, "validation": data.validation, "test": data.test}
     samples = (data.validation or data.train) if args.split == "auto" else splits[args.split]
     if not samples:
@@ -411,13 +429,14 @@ def cmd_check(args) -> int:
 
     from .data.records import DEFAULT_MAX_PIXELS
     from .data.validate import check_dataset, format_report
+    from .models import family_defaults
 
     report = check_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
-        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+        max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
+        prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0
@@ -448,7 +467,8 @@ def cmd_serve(args) -> int:
     try:
         limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                              max_images=args.max_images, max_batch_size=args.max_batch_size,
-                             batch_wait_s=args.batch_wait_ms / 1000)
+                             batch_wait_s=args.batch_wait_ms / 1000, read_timeout_s=args.read_timeout,
+                             max_connections=args.max_connections)
     except ValueError as exc:
         raise CaptuneError(f"serve limits: {exc}") from exc
     defaults = {name: getattr(args, name) for name in ("repetition_penalty", "no_repeat_ngram_size", "length_penalty")
@@ -461,8 +481,8 @@ def cmd_serve(args) -> int:
 def cmd_export(args) -> int:
     from .checkpoint import export_merged
 
-    output = export_merged(args.run, args.output)
-    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    output = export_merged(args.run, args.output, overwrite=args.overwrite)
+    log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
     return 0
 
 
@@ -478,24 +498,8 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, model=args.model)
     return 0
-
-
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
-                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
-
-
-def format_metrics_table(columns: dict[str, dict]) -> str:
-    """A plain-text table: one row per metric, one column per named metrics dict."""
-    names = list(columns)
-    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
-    keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    first = max(map(len, keys), default=6) + 2
-    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for key in keys:
-        lines.append(f"{key:<{first}}" + "".join(f"{_fmt(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
-    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

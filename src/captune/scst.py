@@ -160,7 +160,7 @@ def policy_gradient_loss_sum(logits: torch.Tensor, labels: torch.Tensor, advanta
     return (advantage.to(nll.dtype)[:, None] * nll).sum()
 
 
-def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, tokenizer, seed: int, epoch: int,
+def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, processor, seed: int, epoch: int,
                   first_batch: int, process: int) -> list[dict]:
     """Sample and reward every micro-batch of an accumulation window (no gradients): per micro-batch, the tokenized
     samples and each sample's advantage. Sampling first lets the step weigh every sampled token of the window
@@ -173,8 +173,8 @@ def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, tokenizer,
         index = batch["index"].tolist()
         # A function of the position alone, so a resumed run samples exactly what the uninterrupted run sampled.
         torch.manual_seed(derive_seed(seed, epoch, "scst-samples", first_batch + position, process))
-        sampled = caption_pixels(unwrapped, tokenizer, batch["pixel_values"], setup.sampling)
-        greedy = (caption_pixels(unwrapped, tokenizer, batch["pixel_values"], setup.greedy)
+        sampled = caption_pixels(unwrapped, processor, batch["pixel_values"], setup.sampling)
+        greedy = (caption_pixels(unwrapped, processor, batch["pixel_values"], setup.greedy)
                   if setup.baseline == "greedy" else None)
         rewards, baseline = rewards_and_baseline(setup, sampled, greedy, index)
         advantage = (rewards - baseline).reshape(-1)
@@ -190,7 +190,7 @@ def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, tokenizer,
     return prepared
 
 
-def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: list[dict], *, tokenizer, seed: int,
+def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: list[dict], *, processor, seed: int,
                          epoch: int, first_batch: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """SCST's counterpart of `train.backward_window`: sample and reward the window, then forward and backward each
     micro-batch's samples, gradients synchronised after the last.
@@ -207,7 +207,7 @@ def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: l
     Returns:
         (this process's summed loss, detached; sampled tokens of the window on all processes; usable images).
     """
-    prepared = sample_window(setup, window, unwrapped=accelerator.unwrap_model(model), tokenizer=tokenizer, seed=seed,
+    prepared = sample_window(setup, window, unwrapped=accelerator.unwrap_model(model), processor=processor, seed=seed,
                              epoch=epoch, first_batch=first_batch, process=accelerator.process_index)
     tokens = torch.stack([(p["text"]["labels"][:, 1:] != IGNORE_INDEX).sum() for p in prepared]).sum()
     tokens = tokens.to(accelerator.device)

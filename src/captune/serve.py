@@ -9,9 +9,11 @@ FastAPI's /docs is off: Swagger UI loads its scripts from a CDN and the server m
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -50,10 +52,24 @@ class ServeLimits:
     max_images: int = 16
     max_batch_size: int = 16
     batch_wait_s: float = 0.005
+    max_decoding_pixels: int = 0
+    """Full-size pixels being decoded at once, across all requests (0 = 2 x max_pixels); more waits, then 503."""
+    read_timeout_s: float = 10.0
+    """A client must send its request headers, and then each piece of its body, within this many seconds."""
+    max_connections: int = 256
+    """Open connections; past it a new one gets 503 at once (keeps file descriptors for /health and real users)."""
 
     def __post_init__(self):
-        if min(self.max_upload_bytes, self.max_pixels, self.max_images, self.max_batch_size) < 1:
+        if min(self.max_upload_bytes, self.max_pixels, self.max_images, self.max_batch_size,
+               self.max_connections) < 1 or self.max_decoding_pixels < 0 or self.read_timeout_s <= 0:
             raise ValueError(f"every limit must be >= 1: {self}")
+        if self.max_decoding_pixels and self.max_decoding_pixels < self.max_pixels:
+            raise ValueError(f"max_decoding_pixels ({self.max_decoding_pixels}) must be >= max_pixels "
+                             f"({self.max_pixels}): an image at the limit could never be decoded")
+
+    @property
+    def decoding_budget(self) -> int:
+        return self.max_decoding_pixels or 2 * self.max_pixels
         if not 0 <= self.batch_wait_s <= 1:
             raise ValueError(f"batch wait must be between 0 and 1000 ms, got {self.batch_wait_s * 1000} ms")
 
@@ -67,31 +83,112 @@ class UploadRejected(Exception):
         self.message = message
 
 
-def decode_upload(data: bytes, content_type: str | None, name: str, max_pixels: int) -> Image.Image:
-    """Validate and decode one uploaded file to RGB (EXIF orientation applied).
+def upload_pixels(data: bytes, content_type: str | None, name: str, max_pixels: int) -> int:
+    """Width x height from the header alone (nothing decoded), after the content type, size and pixel checks.
 
     Raises:
-        UploadRejected: 400 empty or undecodable, 413 too many pixels, 415 not an image content type or format.
+        UploadRejected: as `decode_upload`.
     """
     kind = (content_type or "").split(";")[0].strip().lower()
     if not (kind.startswith("image/") or kind in GENERIC_TYPES):
         raise UploadRejected(415, f"{name}: content type {kind} is not an image; send {', '.join(ALLOWED_FORMATS)}")
     if not data:
         raise UploadRejected(400, f"{name}: the file is empty")
-    try:
-        # open() reads only the header: the pixel limit is checked before anything is decoded. (PIL's own bomb check
-        # raises past 2x Image.MAX_IMAGE_PIXELS; warnings.catch_warnings is not thread-safe, so no filter games.)
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    with _opened(data, name) as image:
         if image.width * image.height > max_pixels:
             raise UploadRejected(413, f"{name}: {image.width}x{image.height} is over the {max_pixels}-pixel limit")
+        return image.width * image.height
+
+
+def decode_upload(data: bytes, content_type: str | None, name: str, max_pixels: int,
+                  target: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """Validate and decode one uploaded file to RGB (EXIF orientation applied), shrunk towards `target`.
+
+    The model sees a `target` x `target` square, so holding a 40M-pixel upload at full size (and the processor's
+    float copy of it, 12 bytes a pixel) buys nothing: JPEGs are decoded at a reduced scale (`draft`), other formats
+    box-reduced by an integer factor right after decoding, each side kept at >= 2 x target so the processor's
+    bicubic resize sees practically the same picture.
+
+    Returns:
+        (the RGB image, the upload's own width and height after EXIF orientation).
+
+    Raises:
+        UploadRejected: 400 empty or undecodable, 413 too many pixels, 415 not an image content type or format.
+    """
+    upload_pixels(data, content_type, name, max_pixels)
+    with _opened(data, name) as image:
+        size = image.size
+        if target and image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK"):
+            image.draft(image.mode, (2 * target, 2 * target))
         image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+        factors = (max(1, image.width // (2 * target)), max(1, image.height // (2 * target))) if target else (1, 1)
+        if factors != (1, 1):
+            if image.mode not in ("L", "RGB", "RGBA", "LA", "I", "F"):
+                image = image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "L")
+            image = image.reduce(factors)
+        oriented = ImageOps.exif_transpose(image)
+        if oriented.size != image.size:  # rotated by 90 degrees: the reported size turns too
+            size = size[::-1]
+        return oriented.convert("RGB"), size
+
+
+class _opened:
+    """Image.open on bytes with the server's errors; a context manager so the full-size image is dropped early."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name, self.image = data, name, None
+
+    def __enter__(self) -> Image.Image:
+        try:
+            # open() reads only the header: the pixel limit is checked before anything is decoded. (PIL's own bomb
+            # check raises past 2x Image.MAX_IMAGE_PIXELS; warnings.catch_warnings is not thread-safe.)
+            self.image = Image.open(io.BytesIO(self.data), formats=ALLOWED_FORMATS)
+        except Exception as exc:
+            _reject(exc, self.name)
+        return self.image
+
+    def __exit__(self, kind, exc, tb):
+        if self.image is not None:
+            self.image.close()
+        if exc is not None and not isinstance(exc, UploadRejected):
+            _reject(exc, self.name)
+        return False
+
+
+def _reject(exc: BaseException, name: str) -> None:
+    try:
+        raise exc
     except Image.DecompressionBombError as exc:
         raise UploadRejected(413, f"{name}: image too large ({exc})") from exc
     except Image.UnidentifiedImageError as exc:
         raise UploadRejected(415, f"{name}: not a supported image ({', '.join(ALLOWED_FORMATS)})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UploadRejected(400, f"{name}: cannot decode the image ({exc})") from exc
+
+
+class PixelBudget:
+    """Full-size pixels being decoded at once, across requests: a decode waits for room, then gets a 503.
+
+    Each request decodes its images one at a time and each is shrunk right away (`decode_upload`), so this bounds
+    the server's decoding memory whatever the number of concurrent requests.
+    """
+
+    def __init__(self, total: int, wait_s: float):
+        self.total, self.free, self.wait_s = total, total, wait_s
+        self.changed = asyncio.Condition()
+
+    async def acquire(self, pixels: int) -> None:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.free >= pixels), self.wait_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise UploadRejected(503, "the server is busy decoding other images; retry in a few seconds") from None
+            self.free -= pixels
+
+    async def release(self, pixels: int) -> None:
+        async with self.changed:
+            self.free += pixels
+            self.changed.notify_all()
 
 
 class Caption(BaseModel):
@@ -141,8 +238,10 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
     app = FastAPI(title="captune", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Caption images with a fine-tuned BLIP model. POST images to /v1/caption.")
     app.state.queue = queue
-    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes, read_timeout_s=limits.read_timeout_s)
     app.add_middleware(AccessLog)  # outermost: also logs the 413s BodyLimit answers itself
+    budget = PixelBudget(limits.decoding_budget, wait_s=limits.read_timeout_s)
+    target = captioner.processor.image_processor.size["height"]
 
     @app.exception_handler(UploadRejected)
     async def rejected(request: Request, exc: UploadRejected):
@@ -205,15 +304,23 @@ def create_app(captioner, limits: ServeLimits | None = None) -> FastAPI:
             options = captioner.options(**overrides)
         except Exception as exc:  # CaptuneError: e.g. min_new_tokens > max_new_tokens
             raise UploadRejected(422, str(exc)) from exc
-        decoded = []
+        decoded, sizes = [], []
         for index, upload in enumerate(images):
             name = upload.filename or f"images[{index}]"
             data = await upload.read()
-            decoded.append(await run_in_threadpool(decode_upload, data, upload.content_type, name, limits.max_pixels))
+            pixels = upload_pixels(data, upload.content_type, name, limits.max_pixels)
+            await budget.acquire(pixels)
+            try:
+                image, size = await run_in_threadpool(decode_upload, data, upload.content_type, name,
+                                                      limits.max_pixels, target)
+            finally:
+                await budget.release(pixels)
+            decoded.append(image)
+            sizes.append(size)
         captions = await queue.submit(decoded, options)
         return {
-            "captions": [{"filename": upload.filename or "", "caption": text, "width": image.width,
-                          "height": image.height} for upload, image, text in zip(images, decoded, captions)],
+            "captions": [{"filename": upload.filename or "", "caption": text, "width": size[0],
+                          "height": size[1]} for upload, size, text in zip(images, sizes, captions)],
             "options": asdict(options), "model": captioner.name, "seconds": round(time.perf_counter() - started, 4),
         }
 
@@ -259,9 +366,10 @@ class BodyLimit:
     The body is read here, bounded, and replayed to the app: the multipart parser never sees more than the limit.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, read_timeout_s: float = 10.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -278,7 +386,11 @@ class BodyLimit:
                 return await _send_error(send, 413, self._too_big(f"{size} bytes declared"))
         body = bytearray()
         while True:
-            message = await receive()
+            try:
+                # A client that stops sending mid-body would hold its connection (and a file descriptor) forever.
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                return await _send_error(send, 408, f"request body not received within {self.read_timeout_s:g} s")
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -326,12 +438,78 @@ async def _send_error(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def guarded_protocol(read_timeout_s: float, max_connections: int):
+    """uvicorn's h11 protocol with a deadline for the request headers and a cap on open connections.
+
+    uvicorn times out idle keep-alive connections only: a client that connects and sends nothing, or half a header
+    (slowloris), holds a file descriptor forever, and enough of them make accept() fail with EMFILE (tracebacks in
+    the log, /health unreachable). Here a connection past `max_connections` is answered 503 and closed at once, and
+    one whose headers are not complete within `read_timeout_s` gets 408 and is closed.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Guarded(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                _close_with(transport, 503, "too many open connections; retry shortly")
+                return
+            self._header_deadline = self.loop.call_later(read_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                _close_with(self.transport, 408, f"request headers not received within {read_timeout_s:g} s")
+
+        def connection_lost(self, exc) -> None:
+            deadline = getattr(self, "_header_deadline", None)
+            if deadline is not None:
+                deadline.cancel()
+            super().connection_lost(exc)
+
+    return Guarded
+
+
+def _close_with(transport, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    transport.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+                    f"\r\nconnection: close\r\n\r\n".encode() + body)
+    transport.close()
+
+
 def run_server(captioner, host: str = "127.0.0.1", port: int = 8000, limits: ServeLimits | None = None) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
+    limits = limits or ServeLimits()
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: anyone who can reach this machine on port %d can use the model", host, port)
     log.info("serving %s on http://%s:%d (page /, API POST /v1/caption, /health, /stats, /openapi.json)",
              captioner.name, host, port)
-    uvicorn.run(create_app(captioner, limits), host=host, port=port, log_level="info", access_log=False)
+    backlog, connections = connection_limits(limits.max_connections)
+    uvicorn.run(create_app(captioner, limits), host=host, port=port, log_level="info", access_log=False,
+                http=guarded_protocol(limits.read_timeout_s, connections), backlog=backlog,
+                timeout_keep_alive=min(5, limits.read_timeout_s))
+
+
+def connection_limits(wanted: int) -> tuple[int, int]:
+    """(listen backlog, connection cap) that fit the process's file-descriptor limit (`ulimit -n`).
+
+    asyncio accepts up to `backlog` connections in one go before any protocol can refuse them, so the descriptors
+    in use can reach the cap plus one backlog's worth: both are sized so that stays under the limit, and accept()
+    never fails with EMFILE.
+    """
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        in_use = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError):  # not Linux: keep uvicorn's backlog
+        return 2048, wanted
+    spare = soft - in_use - 16  # headroom: model files, logs, the batching thread
+    backlog = max(8, min(128, spare // 3))
+    allowed = max(1, min(wanted, spare - backlog))
+    if allowed < wanted:
+        log.warning("serving at most %d connections, not %d: this process may open %d files (raise ulimit -n)",
+                    allowed, wanted, soft)
+    return backlog, allowed

@@ -95,7 +95,7 @@ def sniff(path: str) -> str:
 
 def build_dataset(path: str | Path, val_split: float = 0.0, seed: int = 0, *, data_format: str = "auto",
                   image_root: str = "", image_column: str = "", caption_column: str = "", train_split: str = "train",
-                  eval_split: str = "", strict: bool = True) -> DatasetSplits:
+                  eval_split: str = "", strict: bool = True, require_train: bool = True) -> DatasetSplits:
     """Read the dataset at `path` into train and validation samples.
 
     Validation comes from the dataset's own validation split when it has one; otherwise `val_split` (a fraction of
@@ -106,7 +106,8 @@ def build_dataset(path: str | Path, val_split: float = 0.0, seed: int = 0, *, da
         image_root: where COCO/Karpathy file names are relative to (default: the JSON's folder).
         image_column, caption_column, train_split, eval_split: for Hugging Face datasets (empty = detect).
         strict: raise on the first bad row (missing image, empty caption...); False collects them in `problems`
-            and skips them, as training with on_bad_sample=skip and `captune check` do.
+            and skips them (an empty split too), as training with on_bad_sample=skip, eval and `captune check` do.
+        require_train: raise when no training sample is left (False: `check` and `eval`, which report it).
 
     Raises:
         CaptuneError: unreadable data, or `val_split` given although the data has its own validation split.
@@ -147,6 +148,11 @@ def build_dataset(path: str | Path, val_split: float = 0.0, seed: int = 0, *, da
                                f"{path}/validation/")
     else:
         raise CaptuneError(f"unknown data format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if require_train and not train:
+        found = problems or []
+        listed = "; ".join(str(p) for p in found[:3]) + ("; ..." if len(found) > 3 else "")
+        raise CaptuneError(f"{path}: the dataset is empty: no usable training sample ({len(found)} problem(s): {listed}): "
+                           f"`captune check {path}` lists them all")
     if val_split:
         if validation:
             raise CaptuneError(f"--val-split {val_split} given but {path} already has a validation split: drop one")

@@ -76,7 +76,11 @@ def read_coco(path: Path, image_root: Path | None = None,
         if image_id not in names:
             report(problems, Problem(where, f"image_id {image_id} is not in 'images'"))
             continue
-        found = clean_captions(annotation.get("caption"))
+        try:
+            found = clean_captions(annotation.get("caption"))
+        except ValueError as exc:
+            report(problems, Problem(where, f"{exc} for {names[image_id]}", names[image_id]))
+            continue
         if not found:
             report(problems, Problem(where, f"empty caption for {names[image_id]}", names[image_id]))
             continue
@@ -87,7 +91,8 @@ def read_coco(path: Path, image_root: Path | None = None,
         if sample is not None:
             samples.append(sample)
     if not samples:
-        raise CaptuneError(f"{path}: no image with a caption and an image file under {root}: check --image-root")
+        report(problems, Problem(str(path), f"no image with a caption and an image file under {root}: check "
+                                 "--image-root"))
     return samples
 
 
@@ -113,7 +118,11 @@ def read_karpathy(path: Path, image_root: Path | None = None,
                                      "test)", name))
             continue
         raw = [s.get("raw") if isinstance(s, dict) else s for s in image.get("sentences") or []]
-        captions = clean_captions(raw)
+        try:
+            captions = clean_captions(raw)
+        except ValueError as exc:
+            report(problems, Problem(where, f"{exc} for {name}", name))
+            continue
         if not captions:
             report(problems, Problem(where, f"empty caption for {name}", name))
             continue
@@ -121,11 +130,14 @@ def read_karpathy(path: Path, image_root: Path | None = None,
         if sample is not None:
             splits[split].append(sample)
     if not splits["train"]:
-        raise CaptuneError(f"{path}: no usable 'train' or 'restval' images under {root}: check --image-root")
+        report(problems, Problem(str(path), f"no usable 'train' or 'restval' images under {root}: check --image-root"))
     return splits
 
 
 def _sample(root: Path, name: str, captions: list[str], where: str, problems) -> CaptionSample | None:
+    if "\0" in name:
+        report(problems, Problem(where, f"file name {name!r} contains a NUL byte", name.replace("\0", "\\0")))
+        return None
     path = inside(root, name)
     if path is None:
         report(problems, Problem(where, f"file name {name!r} points outside the image root {root}", name))

@@ -94,15 +94,24 @@ def read_folder(folder: Path, problems: list[Problem] | None = None) -> list[Cap
     for line, row in rows:
         n_rows += 1
         where = f"{metadata}:{line}"
+        # Each bad row is one problem, listed with the others; none of them hides the rest of the file.
         if "file_name" not in row:
-            raise CaptuneError(f"{where}: no file_name column (found: {', '.join(sorted(row)) or 'none'})")
+            report(problems, Problem(where, f"no file_name column (found: {', '.join(sorted(row)) or 'none'})"))
+            continue
         column = next((c for c in CAPTION_COLUMNS if c in row), None)
-        if column is None:
-            raise CaptuneError(
-                f"{where}: no caption column; expected one of {', '.join(CAPTION_COLUMNS)} (found: {', '.join(sorted(row))})"
-            )
         name = str(row["file_name"])
-        captions = clean_captions(row[column])
+        if column is None:
+            report(problems, Problem(where, f"no caption column; expected one of {', '.join(CAPTION_COLUMNS)} (found: "
+                                     f"{', '.join(sorted(row))})", name))
+            continue
+        if "\0" in name:
+            report(problems, Problem(where, f"file_name {name!r} contains a NUL byte", name.replace("\0", "\\0")))
+            continue
+        try:
+            captions = clean_captions(row[column])
+        except ValueError as exc:
+            report(problems, Problem(where, f"{exc} for {name}", name))
+            continue
         if not captions:
             report(problems, Problem(where, f"empty caption for {name}", name))
             continue
@@ -117,7 +126,8 @@ def read_folder(folder: Path, problems: list[Problem] | None = None) -> list[Cap
         origins.setdefault(name, where)
     if not grouped:
         detail = "has no rows" if not n_rows else "has no usable rows"
-        raise CaptuneError(f"{metadata} {detail}: the dataset is empty")
+        report(problems, Problem(str(metadata), f"{detail}: this split is empty"))
+        return []
     return [
         CaptionSample(id=name, captions=tuple(caps), image=folder / name, origin=origins[name])
         for name, caps in grouped.items()
@@ -141,6 +151,12 @@ def read_sidecar_folder(folder: Path, problems: list[Problem] | None = None) -> 
         if inside(folder, path.name) is None:
             report(problems, Problem(str(path), "symlink points outside the dataset folder", path.name))
             continue
+        if inside(folder, text_file.name) is None:
+            # The caption is data too: a sidecar linked to ~/.bashrc or /proc/self/environ must not become a
+            # training caption (and then a line of report.html).
+            report(problems, Problem(str(text_file), "caption file is a symlink pointing outside the dataset folder",
+                                     path.name))
+            continue
         try:
             text = text_file.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -153,14 +169,23 @@ def read_sidecar_folder(folder: Path, problems: list[Problem] | None = None) -> 
             continue
         samples.append(CaptionSample(id=path.name, captions=tuple(captions), image=path, origin=str(text_file)))
     if not samples:
-        raise CaptuneError(f"no images with usable .txt caption files in {folder}")
+        report(problems, Problem(str(folder), "no images with usable .txt caption files: this split is empty"))
     return samples
 
 
 def clean_captions(value) -> list[str]:
-    """A caption value (string or list) as a list of non-blank, stripped strings."""
-    captions = [value] if isinstance(value, str) else list(value or [])
-    return [str(c).strip() for c in captions if c is not None and str(c).strip()]
+    """A caption value (string or list of strings) as a list of non-blank, stripped strings.
+
+    Raises:
+        ValueError: a caption that is not text (`"text": 42`): a data error the caller reports with its location.
+    """
+    if value is None:
+        return []
+    captions = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    for caption in captions:
+        if caption is not None and not isinstance(caption, str):
+            raise ValueError(f"caption {caption!r} is a {type(caption).__name__}, not text (quote it)")
+    return [c.strip() for c in captions if c is not None and c.strip()]
 
 
 def _decode_lines(path: Path, problems: list[Problem] | None) -> tuple[list[str], set[int]]:
@@ -196,6 +221,16 @@ def _read_jsonl(path: Path, problems: list[Problem] | None):
 def _read_csv(path: Path, problems: list[Problem] | None):
     lines, bad = _decode_lines(path, problems)
     reader = csv.DictReader(io.StringIO("".join(lines), newline=""))
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        raise CaptuneError(f"{path}:1: malformed CSV header ({exc})") from exc
+    missing = [what for what, names in (("file_name", ("file_name",)), ("caption", CAPTION_COLUMNS))
+               if not any(n in header for n in names)]
+    if missing:  # one problem for the file, not one per row
+        report(problems, Problem(f"{path}:1", f"the header has no {' or '.join(missing)} column (expected file_name "
+                                 f"and one of {', '.join(CAPTION_COLUMNS)}; found: {', '.join(header) or 'none'})"))
+        return
     try:
         start = 2  # row numbers count the header as line 1, as a spreadsheet shows them
         for row in reader:

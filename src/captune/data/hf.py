@@ -105,7 +105,11 @@ def _read_split(table, name: str, image_column: str, caption_column: str, base, 
         if isinstance(value, dict):
             value = value.get("raw") or value.get("text")
         raw = [v.get("raw") if isinstance(v, dict) else v for v in value] if isinstance(value, list) else value
-        captions = clean_captions(raw)
+        try:
+            captions = clean_captions(raw)
+        except ValueError as exc:
+            report(problems, Problem(f"{name} row {row}", str(exc), str(row)))
+            continue
         if not captions:
             report(problems, Problem(f"{name} row {row}", "empty caption", str(row)))
             continue

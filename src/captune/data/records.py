@@ -76,6 +76,10 @@ def open_image(source: ImageSource, origin: str = "", max_pixels: int = DEFAULT_
     where = label(source, origin)
     if callable(source) and not isinstance(source, Image.Image):
         source = source()
+    if max_pixels and Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses images over 2x its own limit (~179M pixels) before our check could allow them: raise its
+        # limit to ours (never lower it: other code in the process may rely on it), so ours is the one that counts.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         with warnings.catch_warnings():
             # PIL warns above its own limit; ours is checked just below, with a message that says what to do.

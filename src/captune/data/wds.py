@@ -133,7 +133,10 @@ def _captions(tar, group, where) -> list[str] | Problem:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return Problem(f"{where}.json", f"not valid UTF-8 JSON ({exc})", key)
         field = next((k for k in CAPTION_KEYS if isinstance(value, dict) and k in value), None)
-        captions = clean_captions(value[field]) if field else []
+        try:
+            captions = clean_captions(value[field]) if field else []
+        except ValueError as exc:
+            return Problem(f"{where}.json", str(exc), key)
     else:
         return Problem(where, f"no caption member .txt or .json (has: {', '.join(sorted(group))})", key)
     return captions or Problem(where, "empty caption", key)
