@@ -255,6 +255,15 @@ def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum")
 
 
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p per row over `loss_sum`'s positions: decoder logits at t against labels at t (no shift)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"]).logits
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view_as(batch["labels"]).sum(dim=1)
+
+
 @torch.inference_mode()
 def generate(model, processor, pixel_values: torch.Tensor, options) -> list[str]:
     """Caption a batch of preprocessed images: the task prompt as encoder input, the processor's post-processing."""
