@@ -295,7 +295,9 @@ def lora_pattern(targets: list[str], vision: bool) -> str:
 
 def vision_tower(model) -> torch.nn.Module:
     """The DaViT: grouped caption sampling repeats its output rows (before the projector) per caption."""
-    return model.model.vision_tower
+    # Under peft, `model.model` is the wrapped Florence2ForConditionalGeneration, not its Florence2Model.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.vision_tower
 
 
 def int8_targets(model) -> dict[str, torch.nn.Module]:
