@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
