@@ -99,6 +99,7 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "git": "git",
     "florence2": "florence2",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
@@ -106,11 +107,15 @@ MODEL_TYPES = {
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "microsoft/git-base": "git",
+    "microsoft/git-base-coco": "git",
+    "microsoft/git-large-coco": "git",
     **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-git": "git",
     "tiny-florence2": "florence2",
 }
 SETTINGS_FILE = "captune.json"
@@ -126,6 +131,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "git":
+        from . import git
+
+        return git
     if family == "florence2":
         from . import florence2
 
@@ -295,6 +304,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "GitProcessor": "git",
     "Florence2Processor": "florence2",
 }
 
