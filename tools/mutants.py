@@ -45,7 +45,11 @@ class Mutation:
 
 M = Mutation
 BLIP, FLORENCE = "src/captune/models/blip.py", "src/captune/models/florence2.py"
+GIT = "src/captune/models/git.py"
 TRAIN, SERVE = "src/captune/train.py", "src/captune/serve.py"
+FLORENCE_LABELS = ("tests/test_florence2.py::"
+                   "test_encoder_input_is_the_processors_task_prompt_and_labels_are_decoder_targets")
+OPTIONS_TEST = "tests/test_train_options.py::test_smoothing_augment_normalize_and_pixel_limit_reach_training"
 
 MUTATIONS = [
     # --- the audit of issue 17 ---
@@ -65,10 +69,10 @@ MUTATIONS = [
     M("train loop: label smoothing forced to 0", TRAIN,
       "accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,",
       "accelerator, model, vision, window, label_smoothing=0.0, seed=t.seed,",
-      ("tests/test_mutation_gaps.py::test_configured_label_smoothing_reaches_the_training_loss",)),
+      (OPTIONS_TEST,)),
     M("serve: any content type accepted", SERVE,
       'if not (kind.startswith("image/") or kind in GENERIC_TYPES):', "if False:",
-      ("tests/test_serve.py",)),
+      ("tests/test_serve.py::test_a_valid_image_sent_as_text_is_refused",)),
     M("serve: no request size limit", SERVE,
       "    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes, read_timeout_s=limits.read_timeout_s)\n",
       "",
@@ -79,9 +83,8 @@ MUTATIONS = [
     M("resume: per-micro-batch RNG not restored", "src/captune/seeding.py",
       'torch.manual_seed(derive_seed(seed, epoch, "micro-batch", batch, process))', "pass",
       ("tests/test_exact_resume.py::test_lora_with_dropout_resumes_exactly",)),
-    M("grouped batches stop sharing the ViT pass", TRAIN,
-      "    vision = family.vision_tower(accelerator.unwrap_model(model))",
-      "    vision = None and family.vision_tower(accelerator.unwrap_model(model))",
+    M("grouped batches stop sharing the ViT pass", "src/captune/data/collate.py",
+      "shared = None not in keys and len(set(keys)) < len(keys)", "shared = False",
       ("tests/test_grouped.py::test_train_with_grouped_sampling_end_to_end",)),
     M("SDPA lever installs the eager forward", "src/captune/speed.py",
       "module.forward = types.MethodType(forward, module)", "module.forward = module.forward",
@@ -101,14 +104,41 @@ MUTATIONS = [
     M("data.max_image_pixels ignored in training", TRAIN,
       "options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size,",
       "options = ItemOptions(max_pixels=10**12, draft_size=size,",
-      ("tests/test_mutation_gaps.py",)),
+      (OPTIONS_TEST,)),
     M("data.augment never applied in training", TRAIN,
       "augment_size=size if cfg.data.augment\n", "augment_size=0 if cfg.data.augment\n",
-      ("tests/test_mutation_gaps.py",)),
+      (OPTIONS_TEST,)),
     M("data.normalize_captions never applied in training", TRAIN,
       "normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)\n    if cfg.train.objective",
       "normalize_captions=False, max_words=cfg.data.max_words)\n    if cfg.train.objective",
-      ("tests/test_mutation_gaps.py",)),
+      (OPTIONS_TEST,)),
+    # --- per model family: first decoding token, padding / prompt / image tokens kept out of the loss ---
+    # BLIP's first token, pads and prompt are the audit's rows above. BLIP and Florence-2 put no image tokens in the
+    # decoder's sequence (cross-attention; encoder input), so they have no "image tokens not masked" mutation.
+    M("florence2: first decoder token not the decoder start token", FLORENCE,
+      "    return processor.tokenizer.eos_token_id\n", "    return processor.tokenizer.bos_token_id\n",
+      (FLORENCE_LABELS,)),
+    M("florence2: pads not -100", FLORENCE,
+      'labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)',
+      'labels = encoded["input_ids"].clone()',
+      (FLORENCE_LABELS,)),
+    M("florence2: prompt not masked (the task prompt leaks into the decoder targets)", FLORENCE,
+      "encoded = tokenizer(captions, padding=", "encoded = tokenizer([f\"{task_of(prompt)} {c}\" for c in captions], padding=",
+      (FLORENCE_LABELS,)),
+    M("git: first token not [CLS]", GIT,
+      'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]',
+      'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]; '
+      "input_ids[:, 0] = tokenizer.sep_token_id",
+      ("tests/test_git.py::test_labels_cover_text_only_and_start_where_generate_starts",)),
+    M("git: pads not -100", GIT,
+      "labels = input_ids.masked_fill(attention_mask == 0, -100)", "labels = input_ids.clone()",
+      ("tests/test_git.py::test_labels_cover_text_only_and_start_where_generate_starts",)),
+    M("git: prompt not masked", GIT,
+      "labels[:, :prompt_tokens] = -100", "labels[:, :1] = -100",
+      ("tests/test_git.py::test_labels_cover_text_only_and_start_where_generate_starts",)),
+    M("git: image tokens not masked (image-token logits predict the caption)", GIT,
+      "text_logits = logits[:, logits.shape[1] - input_ids.shape[1]:]", "text_logits = logits[:, :input_ids.shape[1]]",
+      ("tests/test_git.py::test_loss_equals_gits_own_loss_once_shifted_past_the_image_tokens",)),
 ]
 
 
