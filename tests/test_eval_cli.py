@@ -138,20 +138,24 @@ def test_generation_flags_reach_generate(setup, monkeypatch):
     assert sampled_calls["temperature"] == 0.7
 
 
-def test_repetition_penalty_changes_what_a_rambling_model_writes(setup):
-    """Kills "eval --repetition-penalty dropped" by its effect: the random tiny model repeats words, and a penalty
-    of 2 makes greedy decoding pick others (the same images and model, penalty 1 vs 2)."""
-    from captune.generate import GenerationOptions, caption_images
+def test_repetition_penalty_changes_what_a_repeating_model_writes():
+    """Kills "repetition penalty never passed to generate()" (tools/mutants.py) by its effect: a tiny model whose
+    LM head favours "dog" (bias +1) writes it again and again greedily; a penalty of 2 makes it pick other words."""
+    import torch
     from PIL import Image
 
+    from captune.generate import GenerationOptions, caption_images
+
     model, processor = load_model_and_processor("tiny")
-    images = [Image.new("RGB", (64, 64), colour) for colour in ((200, 30, 30), (30, 160, 40), (30, 60, 220))]
+    model.eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[processor.tokenizer.convert_tokens_to_ids("dog")] = 1.0
+    images = [Image.new("RGB", (64, 64), colour) for colour in ((200, 30, 30), (30, 160, 40))]
     plain, penalised = (caption_images(model, processor, images, GenerationOptions(
-        num_beams=1, max_new_tokens=12, min_new_tokens=12, repetition_penalty=penalty)) for penalty in (1.0, 2.0))
-    assert plain != penalised
-    repeats = [len(c.split()) - len(set(c.split())) for c in plain], [len(c.split()) - len(set(c.split()))
-                                                                       for c in penalised]
-    assert sum(repeats[1]) < sum(repeats[0]), (plain, penalised)
+        num_beams=1, max_new_tokens=8, min_new_tokens=8, repetition_penalty=penalty)) for penalty in (1.0, 2.0))
+    for repeated, varied in zip(plain, penalised):
+        assert repeated.split().count("dog") >= 3 and varied.split().count("dog") < repeated.split().count("dog"), \
+            (plain, penalised)
 
 
 def test_bad_generation_flags_and_missing_model_are_one_line_errors(setup, capsys):

@@ -106,7 +106,7 @@ MUTATIONS = [
       ("tests/test_eval_cli.py::test_generation_flags_reach_generate",)),
     M("repetition penalty never passed to generate()", "src/captune/generate.py",
       '        kwargs.pop("prompt")\n', '        kwargs.pop("prompt")\n        kwargs.pop("repetition_penalty")\n',
-      ("tests/test_eval_cli.py::test_repetition_penalty_changes_what_a_rambling_model_writes",)),
+      ("tests/test_eval_cli.py::test_repetition_penalty_changes_what_a_repeating_model_writes",)),
     M("report metric columns swapped", "src/captune/report.py",
       'cells = "".join(f"<td>{_fmt(c.get(key))}</td>" for c in columns.values())',
       'cells = "".join(f"<td>{_fmt(c.get(key))}</td>" for c in reversed(columns.values()))',
