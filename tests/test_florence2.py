@@ -205,3 +205,54 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
     processor = AutoProcessor.from_pretrained(best)
     expected = caption_images(model, processor, [Image.open(image)], GenerationOptions(**settings["generation"]))
     assert printed.getvalue().strip() == expected[0]
+
+
+LONG = ("a wide view of a busy city street in the late afternoon with many people walking along the sidewalk next "
+        "to tall buildings while cars buses and a few bicycles wait at the traffic light and a man in a blue jacket "
+        "holds an umbrella near the corner where a small dog sits beside a bench under a large tree with green "
+        "leaves and a red sign on the wall behind it")  # 72 words: what <MORE_DETAILED_CAPTION> writes
+
+
+def test_check_counts_captions_the_family_limit_truncates(tmp_path, capsys):
+    data = make_synthetic(tmp_path / "data", n_train=4, n_val=1)
+    rows = (data / "train" / "metadata.jsonl").read_text().splitlines()
+    rows[0] = json.dumps({"file_name": json.loads(rows[0])["file_name"], "text": LONG})
+    (data / "train" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    reports = {}
+    for model in ("tiny", PRESET):
+        assert main(["check", str(data), "--model", model, "--json"]) == 0
+        reports[model] = json.loads(capsys.readouterr().out)["caption_tokens"]
+    # BLIP's 40 tokens cut the long caption; Florence-2's default (320) holds it, counted as <s> caption </s>.
+    assert reports["tiny"]["max_caption_tokens"] == 40 and reports["tiny"]["truncated"] == 1
+    florence = reports[PRESET]
+    assert florence["max_caption_tokens"] == 320 and florence["truncated"] == 0
+    tokenizer = models.family_module("florence2").preset_tokenizer(PRESET)
+    assert florence["max"] == len(tokenizer(LONG)["input_ids"]) > 40
+    assert main(["check", str(data), "--model", PRESET, "--max-caption-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "1 over max_caption_tokens=10 (tiny-florence2's tokens; training truncates them)" in out
+
+
+def test_long_captions_are_shown_whole_in_a_wide_scrolling_card(tmp_path):
+    from captune import report
+
+    short = {"id": "a.png", "image": None, "prediction": "two red circles", "references": ["two red circles"]}
+    long = {"id": "b.png", "image": None, "prediction": LONG, "references": [LONG], "cider": 1.5}
+    html = report._card(long, short, long, {}, ("base model", "best/"))
+    assert html.startswith("<div class='card wide'>") and "(72 words)" in html
+    assert f"<span class=long>{LONG}</span>" in html  # the whole caption, never cut
+    assert report._card(short, None, short, {}, ("base model", "best/")).startswith("<div class=card>")
+    assert ".long{display:block;max-height:12em;overflow:auto" in report._CSS
+
+
+@pytest.mark.parametrize("preset", sorted(models.PRESETS))
+def test_caption_lengths_are_the_untruncated_training_rows(preset):
+    """What `captune check` counts is what `tokenize` would build without the limit, for every family."""
+    family = models.family_for(preset)
+    _, processor = load_model_and_processor(preset)
+    captions = ["two red circles", LONG]
+    for prompt in ("", "a picture of"):
+        counted = family.caption_lengths(family.preset_tokenizer(preset), captions, prompt)
+        rows = [family.tokenize(processor, [c], prompt=prompt, max_tokens=1000) for c in captions]
+        key = "labels" if "decoder_input_ids" in rows[0] else "input_ids"  # an encoder-decoder's rows are targets
+        assert counted == [r[key].shape[1] for r in rows]

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
@@ -132,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its file (and line). Exit 0 when clean, 1 when it found errors.")
     check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
     _data_flags(check)
-    check.add_argument("--max-caption-tokens", type=int, default=40,
-                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--model", default="tiny", help="count caption tokens as this model trains on them: a preset "
+                       "(e.g. tiny-florence2), a model directory or a cached hub id (default tiny, BLIP's tokenizer)")
+    check.add_argument("--max-caption-tokens", type=int, default=None,
+                       help="count captions longer than this many tokens (default: the model family's "
+                       "data.max_caption_tokens, as training)")
     check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -425,13 +429,14 @@ def cmd_check(args) -> int:
 
     from .data.records import DEFAULT_MAX_PIXELS
     from .data.validate import check_dataset, format_report
+    from .models import family_defaults
 
     report = check_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
-        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+        max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
+        prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0

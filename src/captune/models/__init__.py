@@ -99,6 +99,7 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "blip-2": "blip2",
     "git": "git",
     "florence2": "florence2",
 }
@@ -107,6 +108,8 @@ MODEL_TYPES = {
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "Salesforce/blip2-opt-2.7b": "blip2",
+    "Salesforce/blip2-flan-t5-xl": "blip2",
     "microsoft/git-base": "git",
     "microsoft/git-base-coco": "git",
     "microsoft/git-large-coco": "git",
@@ -115,6 +118,8 @@ KNOWN_HUB_IDS = {
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-blip2": "blip2",
+    "tiny-blip2-t5": "blip2",
     "tiny-git": "git",
     "tiny-florence2": "florence2",
 }
@@ -131,6 +136,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "blip2":
+        from . import blip2
+
+        return blip2
     if family == "git":
         from . import git
 
@@ -304,6 +313,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "Blip2Processor": "blip2",
     "GitProcessor": "git",
     "Florence2Processor": "florence2",
 }
@@ -324,6 +334,35 @@ def all_sdpa_forward(module):
         if forward is not None:
             return forward
     return None
+
+
+def caption_counter(name: str, prompt: str):
+    """A function captions -> positions each takes of `data.max_caption_tokens` for the model `name` (a preset,
+    a model or adapter directory, or a cached hub id), without loading weights (`captune check`).
+
+    Raises:
+        CaptuneError: an unsupported model, or a tokenizer that cannot be read offline.
+    """
+    family = family_for(name)
+    if name in PRESETS:
+        tokenizer = family.preset_tokenizer(name)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "tokenizer_config.json").is_file():
+            return caption_counter(base_of_adapter(path)[0], prompt)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise CaptuneError(f"cannot read the tokenizer of '{name}' offline ({first_line(exc)}): pass a model "
+                               "directory or a preset to --model") from exc
+    return lambda captions: family.caption_lengths(tokenizer, list(captions), prompt)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def counting_tokenizer(name: str = TINY):

@@ -203,6 +203,12 @@ def tokenize(processor, captions: list[str], *, prompt: str, max_tokens: int) ->
     return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
 
 
+def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
+    """Positions each caption's training row takes before truncation: [CLS]/[DEC], the prompt, the caption, [SEP]."""
+    text = [f"{prompt.strip()} {caption}" if prompt.strip() else caption for caption in captions]
+    return [len(ids) for ids in tokenizer(text)["input_ids"]]
+
+
 def start_token_id(processor) -> int:
     """bos [DEC]: BLIP's generate() starts every caption from it (text_config.bos_token_id)."""
     return processor.tokenizer.bos_token_id

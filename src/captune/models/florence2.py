@@ -223,6 +223,11 @@ def tokenize(processor, captions: list[str], *, prompt: str, max_tokens: int) ->
             "decoder_input_ids": shift_right(labels, tokenizer.pad_token_id, start_token_id(processor))}
 
 
+def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
+    """Decoder positions each caption takes before truncation: `<s> caption </s>` (the prompt is encoder input)."""
+    return [len(ids) for ids in tokenizer(captions)["input_ids"]]
+
+
 def shift_right(labels: torch.Tensor, pad_token_id: int, start: int) -> torch.Tensor:
     """The decoder's inputs: labels one position later, the start token first, -100 as padding (as the model's
     own `shift_tokens_right`)."""

@@ -151,6 +151,12 @@ def tokenize(processor, captions: list[str], *, prompt: str, max_tokens: int) ->
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
+    """Positions each caption's training row takes before truncation: [CLS], the prompt, the caption, [SEP]."""
+    text = [f"{prompt.strip()} {caption}" if prompt.strip() else caption for caption in captions]
+    return [len(ids) for ids in tokenizer(text)["input_ids"]]
+
+
 def start_token_id(processor) -> int:
     """[CLS]: GIT's generate() starts every caption from config.bos_token_id (101, the tokenizer's [CLS])."""
     return processor.tokenizer.cls_token_id
