@@ -45,10 +45,11 @@ class Mutation:
 
 M = Mutation
 BLIP, FLORENCE = "src/captune/models/blip.py", "src/captune/models/florence2.py"
-GIT = "src/captune/models/git.py"
+GIT, BLIP2 = "src/captune/models/git.py", "src/captune/models/blip2.py"
 TRAIN, SERVE = "src/captune/train.py", "src/captune/serve.py"
 FLORENCE_LABELS = ("tests/test_florence2.py::"
                    "test_encoder_input_is_the_processors_task_prompt_and_labels_are_decoder_targets")
+BLIP2_LABELS = "tests/test_blip2.py::test_labels_mask_placeholders_prompt_padding_and_start_where_generate_starts"
 OPTIONS_TEST = "tests/test_train_options.py::test_smoothing_augment_normalize_and_pixel_limit_reach_training"
 
 MUTATIONS = [
@@ -132,7 +133,8 @@ MUTATIONS = [
       (OPTIONS_TEST,)),
     # --- per model family: first decoding token, padding / prompt / image tokens kept out of the loss ---
     # BLIP's first token, pads and prompt are the audit's rows above. BLIP and Florence-2 put no image tokens in the
-    # decoder's sequence (cross-attention; encoder input), so they have no "image tokens not masked" mutation.
+    # decoder's sequence (cross-attention; encoder input), so they have no "image tokens not masked" mutation; nor
+    # does BLIP-2 with T5, whose placeholders and prompt are the encoder's input, never decoder targets.
     M("florence2: first decoder token not the decoder start token", FLORENCE,
       "    return processor.tokenizer.eos_token_id\n", "    return processor.tokenizer.bos_token_id\n",
       (FLORENCE_LABELS,)),
@@ -143,6 +145,28 @@ MUTATIONS = [
     M("florence2: prompt not masked (the task prompt leaks into the decoder targets)", FLORENCE,
       "encoded = tokenizer(captions, padding=", "encoded = tokenizer([f\"{task_of(prompt)} {c}\" for c in captions], padding=",
       (FLORENCE_LABELS,)),
+    M("blip2 (OPT): first token not bos </s>", BLIP2,
+      'text_ids, text_mask = encoded["input_ids"], encoded["attention_mask"]',
+      'text_ids, text_mask = encoded["input_ids"], encoded["attention_mask"]; text_ids[:, 0] = tokenizer.unk_token_id',
+      (BLIP2_LABELS,)),
+    M("blip2 (T5): first decoder token not decoder_start_token_id", BLIP2,
+      "return tokenizer.pad_token_id if is_encoder_decoder(processor) else tokenizer.bos_token_id",
+      "return tokenizer.eos_token_id if is_encoder_decoder(processor) else tokenizer.bos_token_id",
+      (BLIP2_LABELS,)),
+    M("blip2 (OPT): image tokens not masked", BLIP2,
+      "labels = torch.cat([torch.full((len(captions), _queries(processor)), IGNORE_INDEX), text_labels], 1)",
+      "labels = torch.cat([input_ids[:, :_queries(processor)], text_labels], 1)",
+      (BLIP2_LABELS,)),
+    M("blip2 (OPT): prompt not masked", BLIP2,
+      "text_labels[:, :prompt_tokens] = IGNORE_INDEX", "text_labels[:, :1] = IGNORE_INDEX",
+      (BLIP2_LABELS,)),
+    M("blip2 (OPT): pads not -100", BLIP2,
+      "text_labels = text_ids.masked_fill(text_mask == 0, IGNORE_INDEX)", "text_labels = text_ids.clone()",
+      (BLIP2_LABELS,)),
+    M("blip2 (T5): pads not -100", BLIP2,
+      "labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, IGNORE_INDEX)",
+      "labels = decoder_input_ids.clone()",
+      (BLIP2_LABELS,)),
     M("git: first token not [CLS]", GIT,
       'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]',
       'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]; '
