@@ -41,6 +41,11 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     """pytest node ids (or files) run against the mutated copy."""
+    more: tuple[tuple[str, str, str], ...] = ()
+    """Further (path, old, new) edits applied with the first: a feature implemented twice breaks only when both go."""
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.path, self.old, self.new), *self.more]
 
 
 M = Mutation
@@ -85,9 +90,16 @@ MUTATIONS = [
     M("check: always exits 0", "src/captune/cli.py",
       'return 1 if report["errors"] else 0', "return 0",
       ("tests/test_bad_input.py::test_check_names_every_problem",)),
-    M("resume: per-micro-batch RNG not restored", "src/captune/seeding.py",
+    # Resuming restores the RNG twice over: each micro-batch reseeds from its position (seeding.py), and Accelerate's
+    # load_state puts back the RNG states the checkpoint saved. Skipping the reseed alone survived (the restore
+    # still made the resume exact); skipping the restore alone cannot matter while every draw is reseeded. So "RNG
+    # not restored" skips both.
+    M("resume: RNG not restored (position reseed and Accelerate's RNG restore both skipped)", "src/captune/seeding.py",
       'torch.manual_seed(derive_seed(seed, epoch, "micro-batch", batch, process))', "pass",
-      ("tests/test_exact_resume.py::test_lora_with_dropout_resumes_exactly",)),
+      ("tests/test_exact_resume.py::test_lora_with_dropout_resumes_exactly",),
+      more=(("src/captune/checkpoint.py", "        accelerator.load_state(str(checkpoint))\n",
+             "        rng = __import__('torch').get_rng_state()\n        accelerator.load_state(str(checkpoint))\n"
+             "        __import__('torch').set_rng_state(rng)\n"),)),
     M("grouped batches stop sharing the ViT pass", "src/captune/data/collate.py",
       "shared = None not in keys and len(set(keys)) < len(keys)", "shared = False",
       ("tests/test_grouped.py::test_train_with_grouped_sampling_end_to_end",)),
@@ -202,6 +214,10 @@ def copy_tree(root: Path, dest: Path) -> None:
         shutil.copy2(root / name, target)
 
 
+def target_count(path: Path, old: str) -> int:
+    return path.read_text(encoding="utf-8").count(old) if path.is_file() else 0
+
+
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(copy / "src")}
     env.pop("PYTEST_ADDOPTS", None)
@@ -238,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         missing = 0
         for m in selected:
-            path = ROOT / m.path
-            count = path.read_text(encoding="utf-8").count(m.old) if path.is_file() else 0
-            missing += count != 1
-            status = "target found" if count == 1 else f"TARGET {'NOT FOUND' if count == 0 else 'AMBIGUOUS'}"
-            print(f"{m.name}\n    {m.path}: {status}\n    " + "\n    ".join(m.tests))
+            print(m.name)
+            for relative, old, _ in m.edits():
+                count = target_count(ROOT / relative, old)
+                missing += count != 1
+                print(f"    {relative}: " + ("target found" if count == 1 else
+                                            f"TARGET {'NOT FOUND' if count == 0 else 'AMBIGUOUS'}"))
+            print("    " + "\n    ".join(m.tests))
         return 1 if missing else 0
     rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="captune-mutants-") as tmp:
@@ -257,19 +275,24 @@ def main(argv: list[str] | None = None) -> int:
                 print("mutants: the mapped tests fail without any mutation; fix that first", file=sys.stderr)
                 return 1
         for m in selected:
-            path = copy / m.path
-            original = path.read_text(encoding="utf-8") if path.is_file() else None
-            count = original.count(m.old) if original is not None else 0
-            if count != 1:
+            bad = [(relative, old, target_count(copy / relative, old)) for relative, old, _ in m.edits()]
+            bad = [(relative, old, count) for relative, old, count in bad if count != 1]
+            if bad:
+                relative, old, count = bad[0]
                 verdict, detail, seconds = "TARGET NOT FOUND" if count == 0 else "TARGET AMBIGUOUS", \
-                    f"{m.path}: {count} matches of {m.old.strip()[:60]!r}", 0.0
+                    f"{relative}: {count} matches of {old.strip()[:60]!r}", 0.0
             else:
-                path.write_text(original.replace(m.old, m.new), encoding="utf-8")
+                originals = {}
                 started = time.perf_counter()
                 try:
+                    for relative, old, new in m.edits():
+                        path = copy / relative
+                        originals.setdefault(path, path.read_text(encoding="utf-8"))
+                        path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
                     code, detail = run_tests(copy, m.tests, args.timeout)
                 finally:
-                    path.write_text(original, encoding="utf-8")
+                    for path, text in originals.items():
+                        path.write_text(text, encoding="utf-8")
                 seconds = time.perf_counter() - started
                 # 1: a test failed. 2-5: interrupted, internal error, usage error (a test id that no longer exists),
                 # nothing collected: the mapping is broken, which must not pass for a kill.
