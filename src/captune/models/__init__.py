@@ -57,6 +57,10 @@ The contract every family module (`models/<family>.py`) implements, as plain mod
         run. Computed from the logits (`common.caption_loss_sum` for causal decoders) rather than the model's own
         loss so label smoothing is a training option; with label_smoothing=0, `common.mean_loss` (loss_sum /
         target_tokens) must equal the model's own loss where the model computes one.
+    sequence_nll(model, batch: dict) -> torch.Tensor
+        (rows,): -log p of each row's caption, summed over the positions `loss_sum` sums over, without smoothing
+        (so sequence_nll(...).sum() == loss_sum(..., label_smoothing=0)); same batch and wrapping rules as
+        `loss_sum`. SCST weighs each sampled caption's log-probability by its advantage with it.
     generate(model, processor, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]
         One caption per image row: decoding starts from `start_token_id` (plus the prompt's tokens when
         options.prompt is set), the prompt and special tokens are removed and whitespace stripped. `model` is

@@ -36,7 +36,7 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Proces
 
 from ..errors import CaptuneError
 from .blip import check_loading_info, image_processor
-from .common import IGNORE_INDEX, caption_loss_sum, first_line, target_tokens as _target_tokens
+from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
 
 log = logging.getLogger("captune")
 
@@ -317,6 +317,14 @@ def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
             if k in batch}
     outputs = model(pixel_values=batch["pixel_values"], **text)
     return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+
+
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p per row over `loss_sum`'s positions (see captune.models)."""
+    text = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+            if k in batch}
+    outputs = model(pixel_values=batch["pixel_values"], **text)
+    return caption_sequence_nll(outputs.logits, batch["labels"])
 
 
 # --- generation -------------------------------------------------------------------------------------------------
