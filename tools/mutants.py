@@ -2,12 +2,13 @@
 
     python tools/mutants.py                 # every mutation (slow: tens of minutes on 2 cores); `make mutants`
     python tools/mutants.py -k florence2    # the mutations whose name contains "florence2"
-    python tools/mutants.py --list          # names, files and mapped tests, nothing run
+    python tools/mutants.py --list          # names, whether each target is found, mapped tests; nothing run
     python tools/mutants.py --baseline      # first check the mapped tests pass on the unmutated copy
 
-Each mutation replaces one exact piece of source text (it must occur exactly once in its file) in a temporary copy of
-the working tree, runs only the tests mapped to it there (PYTHONPATH=<copy>/src, so `-m captune` subprocesses run the
-mutated code too), and restores the file. A mutation is killed when a mapped test fails (pytest exit code 1). The run
+Each mutation replaces exact pieces of source text (usually one line; each must occur exactly once in its file) in a
+temporary copy of the working tree, runs only the tests mapped to it there (PYTHONPATH=<copy>/src, so `-m captune`
+subprocesses run the mutated code too), and restores the files. A mutation is killed when a mapped test fails (pytest
+exit code 1); a timeout counts as an error, not a kill. The run
 exits non-zero when any mutation survived, when a mutation's target text is missing or ambiguous (code moved: update
 the target rather than let the mutation silently test nothing), or when pytest could not run a mapped test (renamed
 or deleted: exit codes 2-5). The repository itself is never modified.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,13 +224,18 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
     env = {**os.environ, "PYTHONPATH": str(copy / "src")}
     env.pop("PYTEST_ADDOPTS", None)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    # Its own process group: a timeout must also end the servers and torchrun workers the tests started.
+    process = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return -1, f"timed out after {timeout:g} s"
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    tail = lines[0] if lines else (done.stdout.strip().splitlines() or [""])[-1]
-    return done.returncode, tail
+    lines = [line for line in stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    tail = lines[0] if lines else (stdout.strip().splitlines() or [""])[-1]
+    return process.returncode, tail
 
 
 def check_copy_imports_itself(copy: Path) -> None:
@@ -243,7 +250,8 @@ def check_copy_imports_itself(copy: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only mutations whose name contains this (case-insensitive)")
-    parser.add_argument("--list", action="store_true", help="list the mutations, their tests and whether each target is found; run nothing")
+    parser.add_argument("--list", action="store_true",
+                        help="list the mutations, whether each target is found and their tests; run nothing")
     parser.add_argument("--baseline", action="store_true", help="first run each selected mutation's tests unmutated")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run (default 900)")
     args = parser.parse_args(argv)
