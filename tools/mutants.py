@@ -2,12 +2,13 @@
 
     python tools/mutants.py                 # every mutation (slow: tens of minutes on 2 cores); `make mutants`
     python tools/mutants.py -k florence2    # the mutations whose name contains "florence2"
-    python tools/mutants.py --list          # names, files and mapped tests, nothing run
+    python tools/mutants.py --list          # names, whether each target is found, mapped tests; nothing run
     python tools/mutants.py --baseline      # first check the mapped tests pass on the unmutated copy
 
-Each mutation replaces one exact piece of source text (it must occur exactly once in its file) in a temporary copy of
-the working tree, runs only the tests mapped to it there (PYTHONPATH=<copy>/src, so `-m captune` subprocesses run the
-mutated code too), and restores the file. A mutation is killed when a mapped test fails (pytest exit code 1). The run
+Each mutation replaces exact pieces of source text (usually one line; each must occur exactly once in its file) in a
+temporary copy of the working tree, runs only the tests mapped to it there (PYTHONPATH=<copy>/src, so `-m captune`
+subprocesses run the mutated code too), and restores the files. A mutation is killed when a mapped test fails (pytest
+exit code 1); a timeout counts as an error, not a kill. The run
 exits non-zero when any mutation survived, when a mutation's target text is missing or ambiguous (code moved: update
 the target rather than let the mutation silently test nothing), or when pytest could not run a mapped test (renamed
 or deleted: exit codes 2-5). The repository itself is never modified.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,11 @@ class Mutation:
     new: str
     tests: tuple[str, ...]
     """pytest node ids (or files) run against the mutated copy."""
+    more: tuple[tuple[str, str, str], ...] = ()
+    """Further (path, old, new) edits applied with the first: a feature implemented twice breaks only when both go."""
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.path, self.old, self.new), *self.more]
 
 
 M = Mutation
@@ -85,9 +92,16 @@ MUTATIONS = [
     M("check: always exits 0", "src/captune/cli.py",
       'return 1 if report["errors"] else 0', "return 0",
       ("tests/test_bad_input.py::test_check_names_every_problem",)),
-    M("resume: per-micro-batch RNG not restored", "src/captune/seeding.py",
+    # Resuming restores the RNG twice over: each micro-batch reseeds from its position (seeding.py), and Accelerate's
+    # load_state puts back the RNG states the checkpoint saved. Skipping the reseed alone survived (the restore
+    # still made the resume exact); skipping the restore alone cannot matter while every draw is reseeded. So "RNG
+    # not restored" skips both.
+    M("resume: RNG not restored (position reseed and Accelerate's RNG restore both skipped)", "src/captune/seeding.py",
       'torch.manual_seed(derive_seed(seed, epoch, "micro-batch", batch, process))', "pass",
-      ("tests/test_exact_resume.py::test_lora_with_dropout_resumes_exactly",)),
+      ("tests/test_exact_resume.py::test_lora_with_dropout_resumes_exactly",),
+      more=(("src/captune/checkpoint.py", "        accelerator.load_state(str(checkpoint))\n",
+             "        rng = __import__('torch').get_rng_state()\n        accelerator.load_state(str(checkpoint))\n"
+             "        __import__('torch').set_rng_state(rng)\n"),)),
     M("grouped batches stop sharing the ViT pass", "src/captune/data/collate.py",
       "shared = None not in keys and len(set(keys)) < len(keys)", "shared = False",
       ("tests/test_grouped.py::test_train_with_grouped_sampling_end_to_end",)),
@@ -202,17 +216,26 @@ def copy_tree(root: Path, dest: Path) -> None:
         shutil.copy2(root / name, target)
 
 
+def target_count(path: Path, old: str) -> int:
+    return path.read_text(encoding="utf-8").count(old) if path.is_file() else 0
+
+
 def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, str]:
     env = {**os.environ, "PYTHONPATH": str(copy / "src")}
     env.pop("PYTEST_ADDOPTS", None)
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
+    # Its own process group: a timeout must also end the servers and torchrun workers the tests started.
+    process = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return -1, f"timed out after {timeout:g} s"
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    tail = lines[0] if lines else (done.stdout.strip().splitlines() or [""])[-1]
-    return done.returncode, tail
+    lines = [line for line in stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    tail = lines[0] if lines else (stdout.strip().splitlines() or [""])[-1]
+    return process.returncode, tail
 
 
 def check_copy_imports_itself(copy: Path) -> None:
@@ -227,7 +250,8 @@ def check_copy_imports_itself(copy: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default="", help="only mutations whose name contains this (case-insensitive)")
-    parser.add_argument("--list", action="store_true", help="list the mutations, their tests and whether each target is found; run nothing")
+    parser.add_argument("--list", action="store_true",
+                        help="list the mutations, whether each target is found and their tests; run nothing")
     parser.add_argument("--baseline", action="store_true", help="first run each selected mutation's tests unmutated")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation's test run (default 900)")
     args = parser.parse_args(argv)
@@ -238,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         missing = 0
         for m in selected:
-            path = ROOT / m.path
-            count = path.read_text(encoding="utf-8").count(m.old) if path.is_file() else 0
-            missing += count != 1
-            status = "target found" if count == 1 else f"TARGET {'NOT FOUND' if count == 0 else 'AMBIGUOUS'}"
-            print(f"{m.name}\n    {m.path}: {status}\n    " + "\n    ".join(m.tests))
+            print(m.name)
+            for relative, old, _ in m.edits():
+                count = target_count(ROOT / relative, old)
+                missing += count != 1
+                print(f"    {relative}: " + ("target found" if count == 1 else
+                                            f"TARGET {'NOT FOUND' if count == 0 else 'AMBIGUOUS'}"))
+            print("    " + "\n    ".join(m.tests))
         return 1 if missing else 0
     rows, failed = [], False
     with tempfile.TemporaryDirectory(prefix="captune-mutants-") as tmp:
@@ -257,19 +283,24 @@ def main(argv: list[str] | None = None) -> int:
                 print("mutants: the mapped tests fail without any mutation; fix that first", file=sys.stderr)
                 return 1
         for m in selected:
-            path = copy / m.path
-            original = path.read_text(encoding="utf-8") if path.is_file() else None
-            count = original.count(m.old) if original is not None else 0
-            if count != 1:
+            bad = [(relative, old, target_count(copy / relative, old)) for relative, old, _ in m.edits()]
+            bad = [(relative, old, count) for relative, old, count in bad if count != 1]
+            if bad:
+                relative, old, count = bad[0]
                 verdict, detail, seconds = "TARGET NOT FOUND" if count == 0 else "TARGET AMBIGUOUS", \
-                    f"{m.path}: {count} matches of {m.old.strip()[:60]!r}", 0.0
+                    f"{relative}: {count} matches of {old.strip()[:60]!r}", 0.0
             else:
-                path.write_text(original.replace(m.old, m.new), encoding="utf-8")
+                originals = {}
                 started = time.perf_counter()
                 try:
+                    for relative, old, new in m.edits():
+                        path = copy / relative
+                        originals.setdefault(path, path.read_text(encoding="utf-8"))
+                        path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
                     code, detail = run_tests(copy, m.tests, args.timeout)
                 finally:
-                    path.write_text(original, encoding="utf-8")
+                    for path, text in originals.items():
+                        path.write_text(text, encoding="utf-8")
                 seconds = time.perf_counter() - started
                 # 1: a test failed. 2-5: interrupted, internal error, usage error (a test id that no longer exists),
                 # nothing collected: the mapping is broken, which must not pass for a kill.
