@@ -25,7 +25,7 @@ from transformers import BlipConfig, BlipForConditionalGeneration, BlipProcessor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from captune.model import TINY_IMAGE_SIZE, blip_tokenizer, image_processor, tiny_config  # noqa: E402
+from captune.models.blip import TINY_IMAGE_SIZE, blip_tokenizer, image_processor, tiny_config  # noqa: E402
 
 WORDS = ("a man woman dog cat red blue small large sitting standing on in the of with next to near a field street "
          "table plate of food tree building car bus train water beach snow holding two three people").split()

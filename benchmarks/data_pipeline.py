@@ -22,7 +22,7 @@ from transformers import BlipProcessor
 
 from captune.data.collate import CaptionCollator, CaptionPairs, ItemOptions
 from captune.data.records import CaptionSample
-from captune.model import blip_tokenizer, image_processor
+from captune.models.blip import blip_tokenizer, image_processor
 
 SIZE = 384
 

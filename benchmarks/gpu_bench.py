@@ -133,21 +133,23 @@ def time_captioning(model, size: int, *, device, images: int, beams: int, tokens
     reset_memory(device)
     pixels = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     options = GenerationOptions(num_beams=beams, max_new_tokens=tokens, min_new_tokens=tokens)
-    tokenizer = _tokenizer()
+    processor = _processor(pixels.shape[-1])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        caption_pixels(model, tokenizer, pixels[:2], options)  # warm-up
+        caption_pixels(model, processor, pixels[:2], options)  # warm-up
         sync(device)
         start = time.perf_counter()
-        caption_pixels(model, tokenizer, pixels, options)
+        caption_pixels(model, processor, pixels, options)
         sync(device)
     seconds = time.perf_counter() - start
     return {"captions_per_s": images / seconds, "peak_memory_gib": peak_memory_gib(device), "batch_size": images}
 
 
-def _tokenizer():
-    from captune.model import blip_tokenizer
+def _processor(size: int):
+    from transformers import BlipProcessor
 
-    return blip_tokenizer()
+    from captune.models.blip import blip_tokenizer, image_processor
+
+    return BlipProcessor(image_processor=image_processor(size), tokenizer=blip_tokenizer())
 
 
 def lora_model(model):

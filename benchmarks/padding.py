@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORDS, blip_base_config  # noqa: E402
 
 from captune.data.collate import CaptionCollator  # noqa: E402
-from captune.model import blip_tokenizer, tiny_config  # noqa: E402
+from captune.models.blip import blip_tokenizer, tiny_config  # noqa: E402
 from captune.speed import enable_sdpa  # noqa: E402
 from captune.train import caption_loss  # noqa: E402
 

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_model, machine, peak_rss_mib, random_caption, run_worker, write_images  # noqa: E402
 
-from captune.checkpoint import EpochSampler  # noqa: E402
+from captune.data.sampling import EpochSampler  # noqa: E402
 from captune.data.collate import CaptionCollator, CaptionPairs  # noqa: E402
 from captune.data.records import CaptionSample  # noqa: E402
 from captune.speed import apply_speed_levers, share_images  # noqa: E402

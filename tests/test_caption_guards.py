@@ -72,11 +72,11 @@ def repeater():
         bias[tokenizer.convert_tokens_to_ids("post")] += 50
         bias[tokenizer.sep_token_id] += 49
     size = processor.image_processor.size["height"]
-    return model.eval(), tokenizer, torch.rand(2, 3, size, size)
+    return model.eval(), processor, torch.rand(2, 3, size, size)
 
 
 def _generate(repeater, monkeypatch, **options) -> tuple[list[str], dict]:
-    model, tokenizer, pixels = repeater
+    model, processor, pixels = repeater
     received = {}
     real = type(model).generate
 
@@ -85,7 +85,7 @@ def _generate(repeater, monkeypatch, **options) -> tuple[list[str], dict]:
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", spy)
-    return caption_pixels(model, tokenizer, pixels, GenerationOptions(max_new_tokens=8, **options)), received
+    return caption_pixels(model, processor, pixels, GenerationOptions(max_new_tokens=8, **options)), received
 
 
 def test_each_option_reaches_generate_and_changes_the_caption(repeater, monkeypatch):

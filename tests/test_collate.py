@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captune.data.collate import IGNORE_INDEX, CaptionCollator, prompt_length
+from captune.data.collate import IGNORE_INDEX, CaptionCollator
+from captune.models.blip import prompt_length
 
 
 def _items(captions):

@@ -5,7 +5,10 @@ from captune.errors import CaptuneError
 
 
 def test_defaults_follow_the_original_blip():
-    cfg = Config()
+    from captune.config import resolve_defaults
+    from captune.models import family_module
+
+    cfg = resolve_defaults(Config(), family_module("blip").defaults("Salesforce/blip-image-captioning-base"))
     assert cfg.train.label_smoothing == 0.1
     assert cfg.train.weight_decay == 0.05
     assert cfg.data.max_caption_tokens == 40
@@ -39,7 +42,7 @@ def test_round_trip_through_the_run_dir_file(tmp_path):
         (["train.batch_size=0"], "train.batch_size must be >= 1"),
         (["train.epochs=two"], "train.epochs must be int"),
         (["data.val_split=1.5"], "data.val_split must be in [0, 1)"),
-        (["eval.min_new_tokens=50"], "eval.min_new_tokens"),
+        (["eval.max_new_tokens=20", "eval.min_new_tokens=50"], "eval.min_new_tokens"),
         (["lr"], "must look like section.key=value"),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration
 
-from captune.checkpoint import EpochSampler
+from captune.data.sampling import EpochSampler
 from captune.cli import main
 from captune.data import build_dataset
 from captune.data.records import load_rgb

@@ -15,6 +15,7 @@ import captune.train
 from captune.checkpoint import latest_checkpoint
 from captune.cli import main
 from captune.data.synthetic import make_synthetic
+from captune.models import family_for
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,15 @@ def args(data: Path, output: Path, *extra: str) -> list[str]:
 
 
 def nan_at_call(monkeypatch, bad_call: int) -> None:
-    real, calls = captune.train.caption_loss_sum, []
+    family = family_for("tiny")
+    real, calls = family.loss_sum, []
 
-    def loss(logits, labels, smoothing):
+    def loss(model, batch, *, label_smoothing):
         calls.append(1)
-        value = real(logits, labels, smoothing)
+        value = real(model, batch, label_smoothing=label_smoothing)
         return value * float("nan") if len(calls) == bad_call else value
 
-    monkeypatch.setattr(captune.train, "caption_loss_sum", loss)
+    monkeypatch.setattr(family, "loss_sum", loss)
 
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_only, tmp_path, monkeypatch,

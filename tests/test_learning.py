@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from captune.config import load_config
 from captune.data import build_dataset
 from captune.data.synthetic import make_synthetic
@@ -10,15 +12,17 @@ from captune.model import load_model_and_processor
 from captune.train import eval_options, train
 
 
-def test_loss_falls_and_held_out_exact_match_rises(tmp_path):
+# Each family's tiny preset at its own learning rate (its family default); Florence-2's is cheaper a step.
+@pytest.mark.parametrize("preset, epochs", [("tiny", 7), ("tiny-florence2", 7)])
+def test_loss_falls_and_held_out_exact_match_rises(tmp_path, preset, epochs):
     data = make_synthetic(tmp_path / "data", n_train=640, n_val=50, seed=7)
     cfg = load_config(None, {
-        "output": str(tmp_path / "run"), "data": {"path": str(data), "num_workers": 0}, "model": {"name": "tiny"},
-        "train": {"epochs": 7, "batch_size": 16, "lr": 1e-3, "log_every_steps": 5},
+        "output": str(tmp_path / "run"), "data": {"path": str(data), "num_workers": 0}, "model": {"name": preset},
+        "train": {"epochs": epochs, "batch_size": 16, "log_every_steps": 5},
         "eval": {"num_beams": 1, "max_new_tokens": 8, "min_new_tokens": 0, "batch_size": 50},
     })
     held_out = build_dataset(data).validation
-    model, processor = load_model_and_processor("tiny", seed=cfg.train.seed)
+    model, processor = load_model_and_processor(preset, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, eval_options(cfg), meteor=False)
     result = train(cfg, model=model, processor=processor)
     tuned, tuned_processor = load_model_and_processor(str(tmp_path / "run" / "best"))

@@ -4,7 +4,8 @@ import pytest
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from captune.errors import CaptuneError
-from captune.model import blip_tokenizer, load_model_and_processor, vocab_path
+from captune.model import load_model_and_processor
+from captune.models.blip import blip_tokenizer, vocab_path
 
 
 def test_shipped_vocabulary_is_bert_uncased():

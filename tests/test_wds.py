@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from captune.data import build_dataset, training_dataset
 from captune.data.collate import CaptionCollator
-from captune.model import blip_tokenizer, image_processor
+from captune.models.blip import blip_tokenizer, image_processor
 from transformers import BlipProcessor
 
 from datafiles import tar_shards

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from .errors import CaptuneError
-from .evaluate import write_json
-from .model import SETTINGS_FILE
+from .files import truncate_lines, write_json  # noqa: F401  (truncate_lines: resume uses it from here)
+from .models import SETTINGS_FILE
 
 log = logging.getLogger("captune")
 
@@ -396,16 +396,6 @@ def remove_partial_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def truncate_lines(path: Path, keep: int) -> None:
-    """Keep the first `keep` lines of a JSON-lines file (what a resumed run had written by its checkpoint)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
-
-
 def export_merged(source: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write a plain transformers model directory (LoRA merged in) that `from_pretrained` loads without captune.
 
@@ -447,42 +437,6 @@ def export_merged(source: str | Path, output: str | Path, overwrite: bool = Fals
     settings.pop("adapter", None)
     save_model(model, processor, output, settings or None)
     return output
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh random order each epoch, drawn from `seed + epoch` alone; yields `(epoch, index)` keys.
-
-    The order does not depend on how many epochs this process has already iterated, so a run resumed mid-epoch
-    replays the interrupted epoch's permutation (then skips the batches already done). Deliberately not named
-    `set_epoch`: Accelerate calls that with its own per-loader iteration count, which restarts at 0 on resume.
-
-    The epoch travels with each index because it is the only way it reaches persistent DataLoader workers (their
-    copy of the dataset never sees a later `set_epoch`): the dataset derives an item's random draws from it.
-    """
-
-    def __init__(self, size: int, seed: int, groups: list[int] | None = None):
-        self.size, self.seed, self.epoch = size, seed, 0
-        self.groups = groups
-        """Sizes of runs of consecutive indices that stay together (an image's captions); None = no runs."""
-        if groups is not None and sum(groups) != size:
-            raise ValueError(f"groups cover {sum(groups)} indices, not {size}")
-
-    def set_order(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        epoch = self.epoch
-        if self.groups is None:
-            return ((epoch, index) for index in torch.randperm(self.size, generator=generator).tolist())
-        starts = [0]
-        for size in self.groups[:-1]:
-            starts.append(starts[-1] + size)
-        order = torch.randperm(len(self.groups), generator=generator).tolist()
-        return ((epoch, starts[g] + k) for g in order for k in range(self.groups[g]))
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class StopRequests:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
@@ -132,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "its file (and line). Exit 0 when clean, 1 when it found errors.")
     check.add_argument("data", metavar="DATA", help="dataset: folder, COCO/Karpathy .json, .tar shards, or HF dataset")
     _data_flags(check)
-    check.add_argument("--max-caption-tokens", type=int, default=40,
-                       help="count captions longer than this many tokens (default 40, as training)")
+    check.add_argument("--model", default="tiny", help="count caption tokens as this model trains on them: a preset "
+                       "(e.g. tiny-florence2), a model directory or a cached hub id (default tiny, BLIP's tokenizer)")
+    check.add_argument("--max-caption-tokens", type=int, default=None,
+                       help="count captions longer than this many tokens (default: the model family's "
+                       "data.max_caption_tokens, as training)")
     check.add_argument("--prompt", default="", help="caption prefix used in training (counts toward the length)")
     check.add_argument("--max-image-pixels", type=int, default=None, help="refuse larger images (default 100M)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -192,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, captions them again and prints before/after metrics. Writes RUN/demo.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo)")
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
+    demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
+                      "tiny-florence2)")
     return parser
 
 
@@ -358,8 +364,9 @@ def cmd_eval(args) -> int:
     from accelerate import Accelerator
 
     from .data import Shards, build_dataset
-    from .evaluate import evaluate, merge_predictions, write_json, write_jsonl
-    from .metrics import guard_warnings
+    from .evaluate import evaluate, merge_predictions
+    from .files import write_json, write_jsonl
+    from .metrics import format_metrics_table, guard_warnings
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
 
@@ -426,13 +433,14 @@ def cmd_check(args) -> int:
 
     from .data.records import DEFAULT_MAX_PIXELS
     from .data.validate import check_dataset, format_report
+    from .models import family_defaults
 
     report = check_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
         image_column=args.image_column or "", caption_column=args.caption_column or "",
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
-        max_caption_tokens=args.max_caption_tokens, prompt=args.prompt,
-        max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS,
+        max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
+        prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0
@@ -478,7 +486,7 @@ def cmd_export(args) -> int:
     from .checkpoint import export_merged
 
     output = export_merged(args.run, args.output, overwrite=args.overwrite)
-    log.info("wrote %s (loads with BlipForConditionalGeneration.from_pretrained)", output)
+    log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
     return 0
 
 
@@ -494,24 +502,8 @@ def _batch_size(text: str):
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output, epochs=args.epochs)
+    run_demo(args.output, epochs=args.epochs, model=args.model)
     return 0
-
-
-METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
-                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
-
-
-def format_metrics_table(columns: dict[str, dict]) -> str:
-    """A plain-text table: one row per metric, one column per named metrics dict."""
-    names = list(columns)
-    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
-    keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
-    first = max(map(len, keys), default=6) + 2
-    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for key in keys:
-        lines.append(f"{key:<{first}}" + "".join(f"{_fmt(columns[n].get(key)):>{w}}" for n, w in zip(names, widths)))
-    return "\n".join(lines)
 
 
 def _fmt(value) -> str:

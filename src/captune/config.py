@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 from .errors import CaptuneError
-from .model import DEFAULT_MODEL
+from .models import DEFAULT_MODEL
 
 
 @dataclass
@@ -27,8 +27,9 @@ class DataConfig:
     """Dataset location: an image folder with metadata.jsonl/metadata.csv (or train/ and validation/ subfolders)."""
     val_split: float = 0.0
     """Fraction of training images held out for validation when the data has no validation folder (0 = none)."""
-    max_caption_tokens: int = 40
-    """Captions are truncated to this many tokens, special tokens and prompt included (40 as the original BLIP)."""
+    max_caption_tokens: int | None = None
+    """Captions are truncated to this many tokens, special tokens and prompt included (unset: the model family's
+    default, 40 for BLIP as the original)."""
     prompt: str = ""
     """Text every caption starts with, masked out of the loss and stripped from generated captions."""
     num_workers: int = 2
@@ -65,7 +66,7 @@ class DataConfig:
     def __post_init__(self):
         if not 0 <= self.val_split < 1:
             raise ValueError(f"data.val_split must be in [0, 1), got {self.val_split}")
-        if self.max_caption_tokens < 3:
+        if self.max_caption_tokens is not None and self.max_caption_tokens < 3:
             raise ValueError(f"data.max_caption_tokens must be >= 3 ([DEC], a word, [SEP]), got {self.max_caption_tokens}")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -78,7 +79,8 @@ class ModelConfig:
     """Which BLIP to start from."""
 
     name: str = DEFAULT_MODEL
-    """A hub id, a local save_pretrained directory, or `tiny` (small random BLIP for CPU runs and tests)."""
+    """A hub id, a local save_pretrained directory, or a preset (`tiny`: small random BLIP for CPU runs and tests).
+    Its config.json's model_type picks the model family (captune.models), whose defaults fill unset fields."""
 
 
 @dataclass
@@ -89,12 +91,14 @@ class TrainConfig:
     """Passes over the training pairs."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = run all epochs)."""
-    batch_size: int | Literal["auto"] = 16
-    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256."""
+    batch_size: int | Literal["auto"] | None = None
+    """Image-caption pairs per process per forward pass; `auto` (GPU only) = the largest that fits, shrinking from 256
+    (unset: the model family's default, 16 for BLIP)."""
     grad_accum: int = 1
     """Forward passes accumulated per optimizer step (global batch = batch_size x grad_accum x processes)."""
-    lr: float = 1e-5
-    """Peak learning rate (BLIP's caption fine-tuning used 1e-5 at batch 256; small data often wants 2e-5 to 5e-5)."""
+    lr: float | None = None
+    """Peak learning rate (unset: the model family's default: 1e-5 for BLIP as its caption fine-tuning at batch
+    256, small data often wants 2e-5 to 5e-5; 1e-3 for the random `tiny` preset)."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay (0.05 as the original); never applied to biases and norm weights."""
     warmup_ratio: float = 0.05
@@ -115,16 +119,19 @@ class TrainConfig:
     """Write a training line to metrics.jsonl every N optimizer steps."""
     best_metric: str = "cider"
     """Validation metric that picks best/ (higher is better); `cider+bleu_4` sums the two, as the BLIP recipe."""
-    mode: Literal["full", "frozen-vision", "lora"] = "full"
-    """What trains: everything, everything but the vision encoder, or LoRA adapters (base weights frozen)."""
+    mode: Literal["full", "frozen-vision", "frozen-lm", "lora"] | None = None
+    """What trains: everything, everything but the vision encoder, everything but the language model (BLIP-2: ViT and
+    Q-Former, the paper's fine-tuning), or LoRA adapters (base weights frozen). Unset: the model family's default
+    (full; frozen-lm for a pretrained BLIP-2)."""
     lora_rank: int = 16
     """LoRA rank r."""
     lora_alpha: int = 32
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch input."""
-    lora_targets: str = "query,value"
-    """Comma-separated Linear names in the text decoder's self- and cross-attention (query, key, value, dense)."""
+    lora_targets: str | None = None
+    """Comma-separated Linear names the family's LoRA adapts (BLIP: the text decoder's self- and cross-attention
+    query, key, value, dense; unset: the family's default, query,value for BLIP)."""
     lora_vision: bool = False
     """Also put LoRA on the vision encoder's attention (its fused qkv and output projection)."""
     gradient_checkpointing: bool = False
@@ -161,12 +168,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 1 and self.max_steps < 1:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
-        if self.batch_size != "auto" and self.batch_size < 1:
+        if self.batch_size not in ("auto", None) and self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1 or auto, got {self.batch_size}")
         for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):  # `nan <= 0` is False: say what is wanted instead
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):  # `nan <= 0` is False
             raise ValueError(f"train.lr must be > 0 and finite, got {self.lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -178,7 +185,7 @@ class TrainConfig:
             raise ValueError("train.save_every_steps and train.early_stopping_patience must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"train.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not [t for t in self.lora_targets.split(",") if t.strip()]:
+        if self.lora_targets is not None and not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise ValueError("train.lora_targets must name at least one module (e.g. query,value)")
         if self.objective == "scst":
             if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
@@ -196,15 +203,15 @@ class TrainConfig:
 class EvalConfig:
     """How validation captions are generated."""
 
-    num_beams: int = 3
-    """Beam width (1 = greedy). The BLIP paper used 3."""
-    max_new_tokens: int = 16
-    """Longest caption, in tokens after the prompt ([SEP] included). 16 = BLIP's captioning decode: its max_length 20
-    counts [DEC] and its prompt "a picture of" (4 positions). captune counts new tokens only, so a prompt never
-    shortens the caption."""
-    min_new_tokens: int = 1
-    """Shortest caption, in tokens after the prompt. 1 = BLIP's min_length 5 less its 4 prompt positions (0 allows
-    an empty caption)."""
+    num_beams: int | None = None
+    """Beam width (1 = greedy; unset: the model family's default, 3 for BLIP as its paper)."""
+    max_new_tokens: int | None = None
+    """Longest caption, in tokens after the prompt ([SEP] included; unset: the model family's default). BLIP's is
+    16 = its captioning decode: max_length 20 counts [DEC] and its prompt "a picture of" (4 positions). captune
+    counts new tokens only, so a prompt never shortens the caption."""
+    min_new_tokens: int | None = None
+    """Shortest caption, in tokens after the prompt (unset: the model family's default). BLIP's is 1 = its
+    min_length 5 less its 4 prompt positions (0 allows an empty caption)."""
     repetition_penalty: float = 1.0
     """>1 discourages tokens already in the caption (1 = off); recorded in captune.json with the other options, so
     the saved model decodes as it was validated."""
@@ -219,9 +226,9 @@ class EvalConfig:
     "before" column and the step-0 point of its validation plot)."""
 
     def __post_init__(self):
-        if self.num_beams < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if any(v is not None and v < 1 for v in (self.num_beams, self.batch_size, self.max_new_tokens)):
             raise ValueError("eval.num_beams, eval.batch_size and eval.max_new_tokens must be >= 1")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+        if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= (self.max_new_tokens or 10**9):
             raise ValueError(f"eval.min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
             raise ValueError(f"eval.repetition_penalty must be > 0 and eval.no_repeat_ngram_size >= 0, got "
@@ -238,6 +245,32 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Fields whose unset value (None) means "what the model's family says" (captune.models, `defaults(name)`).
+FAMILY_DEFAULTED = ("train.mode", "train.lr", "train.batch_size", "train.lora_targets", "data.max_caption_tokens",
+                    "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens")
+
+
+def resolve_defaults(cfg: Config, defaults: dict) -> Config:
+    """A new Config with every unset FAMILY_DEFAULTED field filled from the model family's `defaults`.
+
+    Values a recipe, YAML file, flag or override set are kept: only None is filled. The result is what the run
+    directory's config.yaml records, so a resumed or repeated run does not depend on the family's defaults changing.
+
+    Raises:
+        CaptuneError: the family gives no value for an unset field, or an invalid one.
+    """
+    values = to_dict(cfg)
+    for dotted in FAMILY_DEFAULTED:
+        section, key = dotted.split(".")
+        if values[section][key] is None:
+            # Every family trains everything unless it says otherwise (BLIP-2's pretrained default is frozen-lm).
+            value = defaults.get(dotted, "full" if dotted == "train.mode" else None)
+            if value is None:
+                raise CaptuneError(f"{dotted} is not set and the model family has no default for it: set it")
+            values[section][key] = value
+    return from_dict(values)
 
 
 def to_dict(cfg) -> dict:

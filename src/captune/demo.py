@@ -1,4 +1,5 @@
-"""`captune demo`: the embedded default. Synthetic shapes, the tiny BLIP, before/after captions and metrics."""
+"""`captune demo`: the embedded default. Synthetic shapes, a tiny preset (BLIP's `tiny` unless `--model` names another
+family's), before/after captions and metrics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 from .config import load_config
 from .data import build_dataset
 from .data.synthetic import make_synthetic
-from .evaluate import EvalResult, evaluate, write_json
+from .errors import CaptuneError
+from .evaluate import EvalResult, evaluate
+from .files import write_json
+from .metrics import format_metrics_table
 from .model import TINY, load_model_and_processor
+from .models import PRESETS
 from .train import eval_options, train
 
 log = logging.getLogger("captune")
@@ -25,19 +30,39 @@ DEMO_RECIPE = {
 N_TRAIN, N_VAL = 1500, 100
 
 
-def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL) -> dict:
-    """Run the demo end to end and return {"before": metrics, "after": metrics, "examples": [...]}."""
+def demo_recipe(preset: str = TINY) -> dict:
+    """The demo's recipe for a tiny preset: `tiny` gets DEMO_RECIPE; another family's preset the same epochs and
+    decoding, with its own learning rate and batch size (its family's defaults for the preset).
+
+    Raises:
+        CaptuneError: `preset` is not one of the offline tiny presets.
+    """
+    if preset not in PRESETS:
+        raise CaptuneError(f"the demo runs an offline tiny preset, not {preset!r}: use --model with one of "
+                           f"{', '.join(PRESETS)}")
+    if preset == TINY:
+        return DEMO_RECIPE
+    recipe = _merged(DEMO_RECIPE, {"model": {"name": preset}})
+    recipe["train"] = {k: v for k, v in recipe["train"].items() if k not in ("lr", "batch_size")}
+    return recipe
+
+
+def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRAIN, n_val: int = N_VAL,
+             model: str = TINY) -> dict:
+    """Run the demo end to end on the tiny preset `model`; returns {"before": metrics, "after": metrics,
+    "examples": [...]}."""
     output = Path(output)
+    recipe = demo_recipe(model)
     data_dir = make_synthetic(output / "data", n_train=n_train, n_val=n_val)
     log.info("synthetic data: %d training and %d held-out images in %s", n_train, n_val, data_dir)
     overrides = {"output": str(output), "data": {"path": str(data_dir)}}
     if epochs is not None:
         overrides["train"] = {"epochs": epochs}
-    cfg = load_config(None, _merged(DEMO_RECIPE, overrides))
+    cfg = load_config(None, _merged(recipe, overrides))
     held_out = build_dataset(data_dir).validation
     options = eval_options(cfg)
 
-    model, processor = load_model_and_processor(TINY, seed=cfg.train.seed)
+    model, processor = load_model_and_processor(cfg.model.name, seed=cfg.train.seed)
     before = evaluate(model, processor, held_out, options, batch_size=cfg.eval.batch_size, desc="captioning before")
     # Rerunning the demo replaces the previous demo's run (demo.json marks it as one), never another run.
     result = train(cfg, model=model, processor=processor, before=before, overwrite=(output / "demo.json").is_file())
@@ -57,9 +82,7 @@ def run_demo(output: str | Path, epochs: int | None = None, n_train: int = N_TRA
     ]
     summary = {"before": before.metrics, "after": after.metrics, "examples": examples}
     write_json(output / "demo.json", summary)
-    from .cli import format_metrics_table
-
-    print("\nHeld-out metrics before and after fine-tuning the tiny BLIP:")
+    print(f"\nHeld-out metrics before and after fine-tuning {cfg.model.name}:")
     print(format_metrics_table({"before": before.metrics, "after": after.metrics}))
     print("\nExamples (reference | before | after):")
     for example in examples:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from .data.records import CaptionSample
 from .errors import CaptuneError
 from .generate import GenerationOptions, caption_pixels
 from .metrics import score
+from .models import family_of
 
 log = logging.getLogger("captune")
 
@@ -47,7 +47,7 @@ def predict(
     """
     loader = DataLoader(
         CaptionImages(samples), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=ImageCollator(processor),
+        collate_fn=ImageCollator(processor, family_of(model)),
     )
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader, device_placement=True)
@@ -60,7 +60,7 @@ def predict(
     found: dict[int, str] = {}
     with tqdm(total=len(samples), desc=desc, unit="img", disable=not show, leave=False) as bar:
         for batch in loader:
-            captions = caption_pixels(model, processor.tokenizer, batch["pixel_values"], options)
+            captions = caption_pixels(model, processor, batch["pixel_values"], options)
             pairs = [(i, None if problem else c, problem)
                      for i, c, problem in zip(batch["index"].tolist(), captions, batch["problems"])]
             if accelerator is not None:
@@ -133,20 +133,3 @@ def image_path(sample: CaptionSample) -> str | None:
     if isinstance(sample.image, (str, Path)):
         return str(Path(sample.image).resolve())
     return None
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> None:
-    """Write records one JSON object a line, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-def write_json(path: str | Path, value) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)

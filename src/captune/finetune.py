@@ -1,5 +1,8 @@
 """Fine-tuning modes: what trains (everything, all but the vision encoder, or LoRA adapters), and memory savers.
 
+What each mode trains and where LoRA goes are the model family's answers (`captune.models`); this module applies
+them.
+
 LoRA goes through peft. Adapter directories (written by a LoRA run's best/ and last/) hold only the adapter; the
 base model is named in captune.json (`base_model`, plus `base_seed` for the random `tiny` preset), so
 `model.load_model_and_processor` can rebuild base + adapter and merge them for inference.
@@ -14,64 +17,47 @@ import torch
 from PIL import Image
 
 from .errors import CaptuneError
+from .models import family_of
+from .models.common import mean_loss
 
 log = logging.getLogger("captune")
 
 ADAPTER_CONFIG = "adapter_config.json"
-# The vision encoder's attention Linears in transformers' BLIP: a fused qkv and the output projection.
-VISION_TARGETS = ("qkv", "projection")
-
-
-def lora_target_pattern(text_targets: list[str], vision: bool) -> str:
-    """A regex (peft matches it against full module names) for the text decoder's attention Linears.
-
-    Args:
-        text_targets: Linear names inside `attention`/`crossattention` (query, key, value, dense).
-        vision: also match the vision encoder's self-attention (qkv, projection).
-    """
-    names = "|".join(re.escape(t) for t in text_targets)
-    pattern = rf"text_decoder\.bert\.encoder\.layer\.\d+\.(attention|crossattention)\.(self|output)\.({names})"
-    if vision:
-        pattern += rf"|vision_model\.encoder\.layers\.\d+\.self_attn\.({'|'.join(VISION_TARGETS)})"
-    return pattern
 
 
 def apply_mode(model, mode: str, *, lora_rank: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.05,
-               lora_targets: str = "query,value", lora_vision: bool = False):
+               lora_targets: str | None = None, lora_vision: bool = False):
     """Set which parameters train; for `lora`, wrap the model in a peft model with fresh adapters.
 
     Args:
-        model: a BlipForConditionalGeneration.
-        mode: `full`, `frozen-vision` or `lora`.
-        lora_*: LoRA rank, alpha, dropout, comma-separated text-decoder targets, and whether to adapt the ViT too.
+        model: a captioner of a supported family (its family says what each mode trains).
+        mode: `full`, `frozen-vision`, `lora` (or a family-specific mode).
+        lora_*: LoRA rank, alpha, dropout, comma-separated target Linear names (None = the family's default), and
+            whether to adapt the vision encoder too.
 
     Returns:
         The model to train (the same object, or a peft wrapper around it for `lora`).
 
     Raises:
-        CaptuneError: unknown mode, or LoRA targets that match no module.
+        CaptuneError: a mode the family does not support, or LoRA targets that match no module.
     """
-    if mode == "full":
-        model.requires_grad_(True)
+    family = family_of(model)
+    if mode != "lora":
+        family.set_trainable(model, mode)
         return model
-    if mode == "frozen-vision":
-        model.requires_grad_(True)
-        model.vision_model.requires_grad_(False)
-        return model
-    if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
-        pattern = lora_target_pattern(targets, lora_vision)
-        if not any(re.fullmatch(pattern, name) for name, _ in model.named_modules()):
-            raise CaptuneError(
-                f"train.lora_targets {lora_targets!r} matches no Linear in the text decoder's attention: "
-                "use names among query, key, value, dense"
-            )
-        config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern,
-                            bias="none")
-        return get_peft_model(model, config)
-    raise CaptuneError(f"unknown train.mode {mode!r}: use full, frozen-vision or lora")
+    lora_targets = lora_targets or family.defaults("")["train.lora_targets"]
+    targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    pattern = family.lora_pattern(targets, lora_vision)
+    if not any(re.fullmatch(pattern, name) for name, _ in model.named_modules()):
+        raise CaptuneError(
+            f"train.lora_targets {lora_targets!r} matches no Linear of this {family.NAME} model's attention: "
+            f"use names among {family.LORA_TARGET_NAMES}"
+        )
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern,
+                        bias="none")
+    return get_peft_model(model, config)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -139,19 +125,20 @@ def find_batch_size(model, collator, accelerator, start: int = AUTO_BATCH_START)
     if accelerator.device.type != "cuda":
         raise CaptuneError("--batch-size auto probes GPU memory and needs a GPU; on CPU pass a number, e.g. --batch-size 16")
     model.to(accelerator.device)
+    family = family_of(accelerator.unwrap_model(model))
     # Stand-ins for AdamW's exp_avg / exp_avg_sq, which exist from the first optimizer step on.
     reserve = [torch.empty_like(p) for p in model.parameters() if p.requires_grad for _ in range(2)]
     # Images are all resized to one size, so a blank one probes as well as a real one (and needs no readable first
     # sample, nor random access into a stream); a caption of max_caption_tokens is the longest a batch can get.
-    size = collator.processor.image_processor.size
-    item = {"image": Image.new("RGB", (size["width"], size["height"])), "caption": "word " * collator.max_tokens}
+    side = family.image_size(collator.processor)
+    item = {"image": Image.new("RGB", (side, side)), "caption": "word " * collator.max_tokens}
 
     def fits(batch_size: int) -> bool:
-        batch = {k: v.to(accelerator.device) for k, v in collator([item] * batch_size).items()}
+        batch = {k: v.to(accelerator.device) for k, v in collator([item] * batch_size).items()
+                 if isinstance(v, torch.Tensor)}
         with accelerator.autocast():
-            logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-        logits.float().mean().backward()
+            loss = mean_loss(family, model, batch)
+        loss.backward()
         model.zero_grad(set_to_none=True)
         return True
 

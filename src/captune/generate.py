@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 
-from .speed import beam_search_cache
+from .models import family_of
 
 
 # What a run records in captune.json ("generation") and `Captioner`, `caption`, `eval` and `serve` take as defaults: the
@@ -78,41 +78,27 @@ class GenerationOptions:
         return kwargs
 
 
-@torch.inference_mode()
-def caption_pixels(model, tokenizer, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]:
-    """Caption a batch of preprocessed images.
+def caption_pixels(model, processor, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]:
+    """Caption a batch of preprocessed images with the model's family's decoding.
 
     Args:
-        model: a `BlipForConditionalGeneration` (unwrapped, not a DDP wrapper).
-        tokenizer: the BLIP tokenizer of its processor.
-        pixel_values: (batch, 3, H, W) as the image processor returns them.
+        model: a loaded captioner (unwrapped, not a DDP wrapper).
+        processor: its processor.
+        pixel_values: (batch, 3, H, W) as the family's `pixel_values` returns them.
         options: decoding options.
 
     Returns:
         One caption per image (options.num_return_sequences per image, image by image, when sampling several),
         prompt removed, special tokens skipped.
     """
-    parameter = next(model.parameters())
-    pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-    batch = pixel_values.shape[0]
-    if options.prompt:
-        # generate() swaps the leading [CLS] for bos [DEC] and drops the trailing [SEP], as in training.
-        ids = tokenizer([options.prompt] * batch, return_tensors="pt")["input_ids"].to(parameter.device)
-        prompt_positions = ids.shape[1] - 1
-    else:
-        ids, prompt_positions = None, 1  # generate() starts from [DEC] alone
-    kwargs = options.generate_kwargs()
-    if options.num_beams > 1:
-        kwargs["cache"] = beam_search_cache()  # same captions, without copying image keys every step
-    output = model.generate(pixel_values=pixel_values, input_ids=ids, **kwargs)
-    return [text.strip() for text in tokenizer.batch_decode(output[:, prompt_positions:], skip_special_tokens=True)]
+    return family_of(model).generate(model, processor, pixel_values, options)
 
 
 def caption_images(model, processor, images: list[Image.Image], options: GenerationOptions, batch_size: int = 16) -> list[str]:
     """Caption PIL images (converted to RGB) in batches of `batch_size`."""
+    family = family_of(model)
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
         chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
-        pixel_values = processor.image_processor(chunk, return_tensors="pt")["pixel_values"]
-        captions.extend(caption_pixels(model, processor.tokenizer, pixel_values, options))
+        captions.extend(family.generate(model, processor, family.pixel_values(processor, chunk), options))
     return captions

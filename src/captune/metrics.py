@@ -323,3 +323,26 @@ def _spice_score(gts: dict, res: dict) -> float | None:
     except Exception as err:  # SPICE needs Java 8 and writes a cache beside itself: many ways to fail
         logger.warning("SPICE failed, leaving it out: %s", " ".join(f"{type(err).__name__}: {err}".split()))
         return None
+
+
+METRIC_ORDER = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
+                "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
+
+
+def format_metrics_table(columns: dict[str, dict]) -> str:
+    """A plain-text table: one row per metric, one column per named metrics dict."""
+    names = list(columns)
+    widths = [max(10, len(n) + 2) for n in names]  # model paths as column names can be long
+    keys = [k for k in METRIC_ORDER if any(k in c for c in columns.values())]
+    first = max(map(len, keys), default=6) + 2
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    for key in keys:
+        lines.append(f"{key:<{first}}" + "".join(f"{format_value(columns[n].get(key)):>{w}}"
+                                                 for n, w in zip(names, widths)))
+    return "\n".join(lines)
+
+
+def format_value(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # counts (vocabulary)
+    return "n/a" if value is None else f"{value:.3f}"

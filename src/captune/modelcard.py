@@ -12,6 +12,7 @@ import yaml
 
 from .metrics import guard_warnings
 from .model import TINY
+from .models import family_for
 
 # Metric ids on the Hugging Face Hub (huggingface.co/metrics) for the scores captune reports.
 HUB_METRICS = ("bleu", "meteor", "rouge", "cider")
@@ -38,6 +39,7 @@ def model_card(
     generation: dict,
     prompt: str = "",
     step: int | None = None,
+    family=None,
 ) -> str:
     """Render the model card.
 
@@ -49,19 +51,22 @@ def model_card(
         generation: decoding options validation used (num_beams, max_new_tokens, min_new_tokens).
         prompt: caption prefix used in training; captions must be generated from it.
         step: optimizer step these weights are from.
+        family: the model's family module (captune.models): its name, class and plain-transformers usage;
+            default: the family of `base_model`.
 
     Returns:
         The README.md text.
     """
+    family = family or family_for(base_model)
     front = {"library_name": "transformers", "pipeline_tag": "image-to-text"}
     hub_id = hub_base_model(base_model)
     if hub_id:
         front["base_model"] = hub_id
-    front["tags"] = ["image-captioning", "blip", "captune"]
+    front["tags"] = ["image-captioning", family.NAME, "captune"]
     front["metrics"] = list(HUB_METRICS)
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", "# BLIP captioner fine-tuned with captune", ""]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {family.TITLE} captioner fine-tuned with captune", ""]
     lines += [
-        f"A `BlipForConditionalGeneration` image captioner fine-tuned from `{base_model}`"
+        f"A `{family.MODEL_CLASS}` image captioner fine-tuned from `{base_model}`"
         + (f", weights from optimizer step {step}." if step is not None else "."),
         "",
         "## Base model",
@@ -89,7 +94,8 @@ def model_card(
             lines += ["", "**Warning.** " + " ".join(warnings)]
     else:
         lines.append("No validation data was given, so no metrics were computed.")
-    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", usage_snippet(prompt, generation), ""]
+    lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", family.usage_snippet(prompt, snippet_options(generation)),
+              ""]
     return "\n".join(lines)
 
 
@@ -97,26 +103,9 @@ def _value(value) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
-def usage_snippet(prompt: str, generation: dict) -> str:
-    """A runnable Python block; MODEL is this directory or the Hub repo it is uploaded to."""
-    # Options at transformers' own defaults are left out; length_penalty only scores beams.
+def snippet_options(generation: dict) -> dict:
+    """The generate() keyword arguments worth showing: options at transformers' own defaults are left out, and
+    length_penalty only scores beams."""
     idle = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0}
-    kwargs = ", ".join(f"{k}={v}" for k, v in generation.items() if idle.get(k, object()) != v
-                       and not (k == "length_penalty" and generation.get("num_beams", 1) == 1))
-    text = f", text={prompt!r}" if prompt else ""
-    # generate() returns [DEC] + the prompt's tokens + the caption; the prompt is [CLS] + tokens + [SEP] long.
-    start = '[inputs["input_ids"].shape[1] - 1:]' if prompt else ""
-    return f"""```python
-from PIL import Image
-from transformers import BlipForConditionalGeneration, BlipProcessor
-
-MODEL = "path/to/this/directory"  # or the Hub repo id you uploaded it to
-processor = BlipProcessor.from_pretrained(MODEL)
-model = BlipForConditionalGeneration.from_pretrained(MODEL).eval()
-
-image = Image.open("photo.jpg").convert("RGB")
-inputs = processor(images=image{text}, return_tensors="pt")
-output = model.generate(**inputs{', ' + kwargs if kwargs else ''})
-caption = processor.decode(output[0]{start}, skip_special_tokens=True){"  # without the prompt" if prompt else ""}
-print(caption)
-```"""
+    return {k: v for k, v in generation.items() if idle.get(k, object()) != v
+            and not (k == "length_penalty" and generation.get("num_beams", 1) == 1)}

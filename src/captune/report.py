@@ -35,6 +35,9 @@ GALLERY_SIZE = 12
 EXTREMES = 5
 """Best and worst examples by per-image CIDEr."""
 THUMBNAIL_PX = 224
+# Captions longer than this many words (Florence-2's detailed tasks, chat VLMs: 50-200) get a card two columns wide
+# and a scrolling box, so the grid stays readable; the whole caption is always there, never cut.
+LONG_CAPTION_WORDS = 40
 TABLE_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "exact_match",
                  "repeated_ngram_rate", "distinct_captions", "distinct_references", "vocabulary")
 PLOTTED_METRICS = ("bleu_4", "meteor", "rouge_l", "spice")
@@ -302,15 +305,24 @@ def _card(after: dict | None, before: dict | None, record: dict, thumbnails: dic
     picture = (f'<img class="{css}" alt="{_e(record["id"])}" src="{image}">' if image
                else "<div class=noimg>image not available</div>")
     refs = "".join(f"<li>{_e(r)}</li>" for r in record.get("references", []))
-    rows = []
+    rows, long = [], False
     for css_class, label, rec in (("before", labels[0], before), ("after", labels[1], after)):
         if rec is not None:
             score = f' <span class=score>CIDEr {_fmt(rec.get("cider"))}</span>' if _number(rec.get("cider")) else ""
-            rows.append(f"<p class={css_class}><b>{_e(label)}:</b> {_e(rec.get('prediction', ''))}{score}</p>")
+            text = str(rec.get("prediction", ""))
+            words = len(text.split())
+            if words > LONG_CAPTION_WORDS:
+                long = True
+                rows.append(f"<p class={css_class}><b>{_e(label)}</b> <span class=words>({words} words)</span>"
+                            f"{score}<span class=long>{_e(text)}</span></p>")
+            else:
+                rows.append(f"<p class={css_class}><b>{_e(label)}:</b> {_e(text)}{score}</p>")
+    long = long or any(len(str(r).split()) > LONG_CAPTION_WORDS for r in record.get("references", []))
     # On the best/worst cards the references are the point of comparison: shown, not folded away.
     references = (f"<div class=refs><b>references:</b><ul>{refs}</ul></div>" if open_references
                   else f"<details><summary>references</summary><ul>{refs}</ul></details>")
-    return f"<div class=card>{picture}<p class=id>{_e(record['id'])}</p>{''.join(rows)}{references}</div>"
+    card = "'card wide'" if long else "card"
+    return f"<div class={card}>{picture}<p class=id>{_e(record['id'])}</p>{''.join(rows)}{references}</div>"
 
 
 def _thumbnail(path: str | None, cache: dict) -> str | None:
@@ -429,7 +441,9 @@ table{border-collapse:collapse}th,td{border:1px solid #ddd;padding:.25em .6em;te
 td{font-variant-numeric:tabular-nums}.note{color:#666;font-size:.9em}
 .plots{display:flex;flex-wrap:wrap;gap:1em}.plot{width:480px;max-width:100%}.plot.wide{width:960px}figure{margin:0}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:.8em}
-.card{border:1px solid #ddd;border-radius:6px;padding:.5em;font-size:.9em}
+.card{border:1px solid #ddd;border-radius:6px;padding:.5em;font-size:.9em;overflow-wrap:anywhere}
+.card.wide{grid-column:span 2}.long{display:block;max-height:12em;overflow:auto;line-height:1.4;margin-top:.2em;
+padding-right:.3em}.words{color:#777;font-size:.85em}
 .thumb{width:160px;height:auto;display:block;margin:auto}.px{image-rendering:pixelated}
 .noimg{width:160px;height:96px;margin:auto;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 .id{color:#777;font-size:.8em;word-break:break-all}.before{color:#a33}.after{color:#262}.score{color:#777;font-size:.85em}

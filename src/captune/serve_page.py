@@ -23,12 +23,14 @@ PAGE = """<!doctype html>
   #status { min-height: 1.4rem; margin: .8rem 0; }
   #status.error { color: #b3261e; font-weight: 600; }
   #results { list-style: none; padding: 0; }
-  #results li { display: flex; gap: 1rem; align-items: center; background: #fff; border-radius: 8px;
+  #results li { display: flex; gap: 1rem; align-items: flex-start; background: #fff; border-radius: 8px;
                 padding: .6rem; margin-bottom: .6rem; box-shadow: 0 1px 2px #0002; }
   #results img, .nopreview { width: 120px; height: 120px; flex: none; object-fit: contain; background: #eee;
                              border-radius: 4px; }
   .nopreview { display: flex; align-items: center; justify-content: center; color: #5b6475; font-size: .8rem; }
-  .caption { font-size: 1.1rem; margin: 0; }
+  /* Long captions (50-200 words from detailed prompts) wrap, scroll inside their row, and keep the image beside them. */
+  .caption { font-size: 1.1rem; margin: 0; line-height: 1.45; max-height: 16rem; overflow: auto;
+             overflow-wrap: anywhere; white-space: pre-wrap; }
   .caption.pending { color: #5b6475; font-style: italic; }
   .caption.error { color: #b3261e; font-size: .95rem; }
   #model { margin-top: .3rem; }

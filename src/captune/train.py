@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import gather_object, set_seed
@@ -22,20 +21,23 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .checkpoint import (
-    EpochSampler, StopRequests, checkpoint_dirs, clear_run_state, existing_run, keep_best_for_resume,
-    latest_checkpoint, load_checkpoint, remove_partial_checkpoints, restore_best, save_checkpoint, save_model,
-    truncate_lines,
+    StopRequests, checkpoint_dirs, clear_run_state, existing_run, keep_best_for_resume, latest_checkpoint,
+    load_checkpoint, remove_partial_checkpoints, restore_best, save_checkpoint, save_model,
 )
-from .config import Config, save_config, to_dict
+from .config import Config, resolve_defaults, save_config, to_dict
 from .data import build_dataset, count_captions, training_dataset
-from .data.collate import IGNORE_INDEX, CaptionCollator, CaptionPairs, ItemOptions
+from .data.collate import CaptionCollator, CaptionPairs, ItemOptions
+from .data.sampling import EpochSampler
 from .errors import CaptuneError
-from .evaluate import evaluate, write_json, write_jsonl
+from .evaluate import evaluate
+from .files import truncate_lines, write_json, write_jsonl
 from .metrics import guard_warnings
 from .finetune import apply_mode, enable_gradient_checkpointing, find_batch_size, freeze_summary
 from .generate import RECORDED_OPTIONS, GenerationOptions
 from .model import load_model_and_processor
 from .modelcard import model_card
+from .models import family_defaults, family_of, family_of_processor
+from .models.common import caption_loss, caption_loss_sum, target_tokens  # noqa: F401  (re-exported for callers)
 from .report import write_report
 from .scst import ScstCollator, ScstImages, build_scst, scst_backward_window
 from .runinfo import data_commit, library_versions, loss_floor, peak_memory
@@ -103,30 +105,6 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Next-token cross entropy summed over caption tokens; -100 labels (pads, prompt) are ignored.
-
-    Computed here rather than by the model so label smoothing is a training option, not a property of the saved
-    config (transformers' BLIP reads it from `text_config.label_smoothing`, default 0).
-    """
-    shifted = logits[:, :-1, :].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX,
-        label_smoothing=label_smoothing, reduction="sum",
-    )
-
-
-def target_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Caption tokens the loss is taken over (labels shifted by one, -100 left out)."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def caption_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """`caption_loss_sum` averaged over the batch's caption tokens."""
-    # 0 (not 0/0) for a placeholder batch with no token: no host sync either way.
-    return caption_loss_sum(logits, labels, label_smoothing) / target_tokens(labels).clamp(min=1)
-
-
 def accumulation_windows(batches, size: int):
     """Consecutive lists of `size` batches (the last of an epoch may be shorter): one optimizer step each.
 
@@ -138,21 +116,20 @@ def accumulation_windows(batches, size: int):
         yield window
 
 
-def window_tokens(accelerator, window: list[dict]) -> torch.Tensor:
-    """Caption tokens of the whole accumulation window, summed over its micro-batches and every process.
+def window_tokens(accelerator, window: list[dict], family) -> torch.Tensor:
+    """Caption tokens of the whole accumulation window (the family's `target_tokens`), summed over its
+    micro-batches and every process.
 
     The loss of an optimizer step is the mean over these tokens (see `train`); one all-reduce a window.
     """
-    local = torch.stack([target_tokens(batch["labels"]) for batch in window]).sum().to(accelerator.device)
+    local = torch.stack([family.target_tokens(batch) for batch in window]).sum().to(accelerator.device)
     return accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
 
 
 def batch_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
-    """The training objective on one collated batch, summed over its caption tokens: the forward pass and
-    `caption_loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
-    outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"])
-    return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+    """The training objective on one collated batch, summed over its caption tokens: the model family's
+    `loss_sum`. Training and the validation loss both call it, so they measure the same thing."""
+    return family_of(model).loss_sum(model, batch, label_smoothing=label_smoothing)
 
 
 @torch.no_grad()
@@ -170,14 +147,30 @@ def validation_loss(model, loader, label_smoothing: float, accelerator) -> float
         if not batch.pop("pairs"):
             continue
         total += torch.stack([batch_loss_sum(model, batch, label_smoothing).float(),
-                              target_tokens(batch["labels"]).float()])
+                              family_of(model).target_tokens(batch).float()])
     model.train(was_training)
     loss_sum, tokens = accelerator.reduce(total, reduction="sum").tolist() if accelerator.num_processes > 1 \
         else total.tolist()
     return loss_sum / tokens if tokens else None
 
 
+def resolved(cfg: Config, model=None) -> Config:
+    """`cfg` with the fields it leaves unset filled from its model family's defaults (explicit values win).
+
+    Args:
+        model: the already loaded model train() was handed, whose family then decides; else cfg.model.name's.
+
+    Raises:
+        CaptuneError: cfg.model.name is not a supported family (read from its config.json, before any weights load).
+    """
+    defaults = family_of(model).defaults(cfg.model.name) if model is not None else family_defaults(cfg.model.name)
+    return resolve_defaults(cfg, defaults)
+
+
 def eval_options(cfg: Config) -> GenerationOptions:
+    """How validation decodes (the family's defaults where cfg leaves eval options unset)."""
+    if None in (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens):
+        cfg = resolved(cfg)
     return GenerationOptions(
         num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
         min_new_tokens=cfg.eval.min_new_tokens, prompt=cfg.data.prompt,
@@ -233,7 +226,7 @@ def training_loader(cfg: Config, train_data, processor, collator, batch_size: in
     processes and workers (data/wds.py), so its loader is only wrapped for device placement and end-of-epoch
     detection (gradient accumulation then steps on an epoch's last, partial window too).
     """
-    size = processor.image_processor.size["height"]
+    size = family_of_processor(processor).image_size(processor)
     options = ItemOptions(max_pixels=cfg.data.max_image_pixels, draft_size=size, augment_size=size if cfg.data.augment
                           else 0, normalize_captions=cfg.data.normalize_captions, max_words=cfg.data.max_words)
     if cfg.train.objective == "scst":  # each image once, with its index: its references are the reward's
@@ -302,7 +295,7 @@ def validation_pairs(cfg: Config, validation: list, processor, collator, acceler
     sharded across processes: the input of `validation_loss`. None without validation data."""
     if not validation:
         return None
-    size = processor.image_processor.size["height"]
+    size = collator.family.image_size(processor)
     pairs = CaptionPairs(validation, "all", ItemOptions(
         max_pixels=cfg.data.max_image_pixels, draft_size=size, normalize_captions=cfg.data.normalize_captions,
         max_words=cfg.data.max_words))
@@ -321,10 +314,11 @@ def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) ->
 
 def train(cfg: Config, *, model=None, processor=None, resume: bool = False, overwrite: bool = False,
           before=None) -> TrainResult:
-    """Fine-tune a BLIP captioner as `cfg` says and write the run directory.
+    """Fine-tune a captioner as `cfg` says and write the run directory.
 
     Args:
-        cfg: the resolved configuration.
+        cfg: the configuration; fields it leaves unset (None) take the model family's defaults, and the resolved
+            values are what RUN/config.yaml records.
         model, processor: an already loaded pair (the demo reuses its untrained model); loaded from cfg.model
             otherwise.
         resume: continue from the newest intact checkpoint in RUN/checkpoints/ (from scratch when none).
@@ -336,8 +330,10 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         TrainResult with the run directory and the best validation score.
 
     Raises:
-        CaptuneError: bad data, model or configuration, or a non-finite loss with `train.on_nonfinite: stop`.
+        CaptuneError: bad data, model or configuration (an unsupported model type before anything loads or any
+            file is written), or a non-finite loss with `train.on_nonfinite: stop`.
     """
+    cfg = resolved(cfg, model)
     output = Path(cfg.output)
     started = time.perf_counter()
     trackers = resolve_trackers(cfg.train.report_to)
@@ -365,11 +361,12 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
     validation = data.validation[: cfg.data.max_val_images or None]
     t = cfg.train
     model, processor = trainable_model(cfg, model, processor)
+    family = family_of(model)
     if main:
         _start_run_directory(output, cfg, fresh=checkpoint is None)
         log.info(
-            "training %s (mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d process(es), "
-            "precision %s", cfg.model.name, t.mode, len(data.train), count_captions(data.train),
+            "training %s (%s, mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d "
+            "process(es), precision %s", cfg.model.name, family.NAME, t.mode, len(data.train), count_captions(data.train),
             len(validation), freeze_summary(model), accelerator.device, accelerator.num_processes,
             accelerator.mixed_precision,
         )
@@ -379,14 +376,14 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
             log.warning("skipped %s", item["reason"])
     accelerator.wait_for_everyone()
 
-    collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt)
+    collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt, family=family)
     batch_size = t.batch_size if t.batch_size != "auto" else find_batch_size(model, collator, accelerator)
     scst = None
     if t.objective == "scst":
         scst = build_scst(data.train, samples=t.scst_samples, baseline=t.scst_baseline, prompt=cfg.data.prompt,
                           max_new_tokens=cfg.eval.max_new_tokens, tokenize=collator.tokenize)
     train_collator = collator if scst is None else ScstCollator(
-        lambda images: processor.image_processor(images, return_tensors="pt")["pixel_values"], processor)
+        lambda images: family.pixel_values(processor, images), processor)
     items, loader, sampler = training_loader(cfg, data.train, processor, train_collator, batch_size, accelerator)
     val_pairs = validation_pairs(cfg, validation, processor, collator, accelerator)
     streamed = sampler is None
@@ -434,7 +431,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
 
     def card(metrics: dict, at_step: int) -> str:
         return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
-                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step)
+                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step,
+                          family=family)
 
     def validate(epoch: int, final: bool = False) -> None:
         nonlocal final_metrics, validation_seconds
@@ -493,7 +491,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
             write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
             log.info("before training: %s", _format_metrics(before.metrics))
 
-    vision = accelerator.unwrap_model(model).vision_model  # where grouped batches repeat image embeddings
+    vision = family.vision_tower(accelerator.unwrap_model(model))  # where grouped batches repeat image embeddings
     seen, tick, interrupted = 0, time.perf_counter(), None
     pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
     model.train()
@@ -517,7 +515,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                             epoch=epoch, first_batch=state["batch"])
                     else:
                         loss_sum, tokens, pairs = scst_backward_window(
-                            scst, accelerator, model, vision, window, tokenizer=processor.tokenizer, seed=t.seed,
+                            scst, accelerator, model, vision, window, processor=processor, seed=t.seed,
                             epoch=epoch, first_batch=state["batch"])
                     state["batch"] += len(window)
                     seen += pairs * accelerator.num_processes
@@ -656,7 +654,8 @@ def backward_window(accelerator, model, vision, window: list[dict], *, label_smo
     Returns:
         (this process's summed token loss, detached; the window's caption tokens on all processes; usable pairs).
     """
-    tokens = window_tokens(accelerator, window)
+    family = family_of(model)
+    tokens = window_tokens(accelerator, window, family)
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
     loss_sum, pairs = torch.zeros((), device=accelerator.device), 0
     for position, batch in enumerate(window):

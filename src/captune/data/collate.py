@@ -1,12 +1,8 @@
-"""Turn samples into model batches: the caption objective as the original BLIP trains it.
+"""Turn samples into model batches.
 
-Training batch (`CaptionCollator`):
-    input_ids   `[DEC] prompt caption [SEP] [PAD]...`: the tokenizer's first token ([CLS]) is replaced by the bos
-                token [DEC], because `generate()` starts every caption with [DEC]; training on [CLS] would teach a
-                context the decoder never sees at inference.
-    labels      input_ids with padding and the prompt set to -100 (ignored by the loss). The model shifts labels
-                internally, so position 0 (the bos) is never a target.
-    padding     to the longest caption in the batch, never to a fixed 512; captions are truncated to `max_tokens`.
+The model's family (`captune.models`) turns images into `pixel_values` and captions into `input_ids`,
+`attention_mask` and `labels` (-100 at padding, prompt and image placeholder tokens; the first token is the one
+generation starts from); this module decodes the items, drops bad ones, and shares images between captions.
 """
 
 from __future__ import annotations
@@ -19,12 +15,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import CaptuneError
+from ..models import family_module, family_of_processor
+from ..models.common import IGNORE_INDEX
 from ..seeding import item_rng
 from .records import DEFAULT_MAX_PIXELS, CaptionSample, load_rgb
 from .transforms import pre_caption, random_resized_crop
-
-IGNORE_INDEX = -100
-
 
 @dataclass(frozen=True)
 class ItemOptions:
@@ -164,29 +159,27 @@ class CaptionImages(Dataset):
                     "problem": f"{sample.origin or sample.id}: cannot decode image ({exc!r})"}
 
 
-def prompt_length(tokenizer, prompt: str) -> int:
-    """Number of leading positions the prompt occupies: bos plus the prompt's tokens (no [SEP])."""
-    if not prompt:
-        return 1
-    return len(tokenizer(prompt, add_special_tokens=True)["input_ids"]) - 1
-
-
 class CaptionCollator:
     """Batch training pairs into `pixel_values`, `input_ids`, `attention_mask` and `labels`.
 
     Args:
-        processor: a `BlipProcessor` (image processor + BLIP tokenizer).
+        processor: the model's processor (image processor + tokenizer).
         max_tokens: maximum caption length in tokens, special tokens and prompt included.
         prompt: text every caption starts with (e.g. "a picture of "); excluded from the loss.
+        family: the model's family module (`captune.models.family_of(model)`); default: told from the processor.
     """
 
-    def __init__(self, processor, max_tokens: int = 40, prompt: str = ""):
+    def __init__(self, processor, max_tokens: int = 40, prompt: str = "", family=None):
         self.processor = processor
         self.max_tokens = max_tokens
         self.prompt = prompt
-        self.prompt_tokens = prompt_length(processor.tokenizer, prompt)
-        if self.prompt_tokens >= max_tokens:
-            raise ValueError(f"prompt {prompt!r} fills all {max_tokens} caption tokens: raise max_caption_tokens")
+        # The family's name, not its module: collators travel to DataLoader workers, and modules do not pickle.
+        self.family_name = (family or family_of_processor(processor)).NAME
+        self.tokenize([""])  # a prompt that leaves no room for a caption fails here, not in a worker
+
+    @property
+    def family(self):
+        return family_module(self.family_name)
 
     def __call__(self, items: list[dict]) -> dict:
         """Batch the good items; `skipped` lists the bad ones ({id, reason}) so the main process can count them
@@ -201,7 +194,7 @@ class CaptionCollator:
         if items:
             images, captions = [it["image"] for it in items], [it["caption"] for it in items]
         else:
-            images, captions = [blank_image(self.processor)], [""]
+            images, captions = [blank_image(self.processor, self.family)], [""]
         keys = [it.get("key") for it in items]
         shared = None not in keys and len(set(keys)) < len(keys)
         if shared:
@@ -209,7 +202,7 @@ class CaptionCollator:
             first = {}
             index = [first.setdefault(key, len(first)) for key in keys]
             images = [items[keys.index(key)]["image"] for key in first]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixel_values = self.family.pixel_values(self.processor, images)
         batch = self.tokenize(captions)
         if not items:
             batch["labels"].fill_(IGNORE_INDEX)
@@ -222,35 +215,30 @@ class CaptionCollator:
         return batch
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer = self.processor.tokenizer
-        # Joined with one space whatever the prompt's trailing whitespace (YAML and shells strip it).
-        text = [f"{self.prompt.strip()} {caption}" if self.prompt.strip() else caption for caption in captions]
-        encoded = tokenizer(
-            text, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
-        input_ids = encoded["input_ids"]
-        input_ids[:, 0] = tokenizer.bos_token_id
-        labels = input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX)
-        labels[:, : self.prompt_tokens] = IGNORE_INDEX
-        return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"], "labels": labels}
+        return self.family.tokenize(self.processor, captions, prompt=self.prompt, max_tokens=self.max_tokens)
 
 
-def blank_image(processor) -> Image.Image:
+def blank_image(processor, family=None) -> Image.Image:
     """A mid-grey image of the processor's input size: the stand-in wherever a batch must not be empty."""
-    size = processor.image_processor.size
-    return Image.new("RGB", (size["width"], size["height"]), (128, 128, 128))
+    side = (family or family_of_processor(processor)).image_size(processor)
+    return Image.new("RGB", (side, side), (128, 128, 128))
 
 
 class ImageCollator:
     """Batch evaluation images into `pixel_values` plus their dataset indices."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, family=None):
         self.processor = processor
+        self.family_name = (family or family_of_processor(processor)).NAME
+
+    @property
+    def family(self):
+        return family_module(self.family_name)
 
     def __call__(self, items: list[dict]) -> dict:
         # A grey stand-in keeps the batch whole for an unreadable image; its caption is discarded.
-        blank = blank_image(self.processor)
+        blank = blank_image(self.processor, self.family)
         images = [it["image"] if it["image"] is not None else blank for it in items]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixel_values = self.family.pixel_values(self.processor, images)
         return {"pixel_values": pixel_values, "index": torch.tensor([it["index"] for it in items]),
                 "problems": [it.get("problem") for it in items]}

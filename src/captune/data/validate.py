@@ -1,7 +1,8 @@
 """`captune check`: read a whole dataset the way training will and say precisely what is wrong, before a GPU-hour.
 
 Every image is opened and decoded with the training decoder (so what passes here decodes in training), captions are
-tokenised with BLIP's tokenizer, and every problem is listed with its file (and line) and reason.
+tokenised with the model's tokenizer (`--model`; default the tiny preset's, BLIP's) and counted against its family's
+caption limit the way its training rows are built, and every problem is listed with its file (and line) and reason.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, la
 
 def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "", image_column: str = "",
                   caption_column: str = "", train_split: str = "train", eval_split: str = "",
-                  max_caption_tokens: int = 40, prompt: str = "", max_image_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+                  max_caption_tokens: int = 40, prompt: str = "", max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                  model: str = "tiny") -> dict:
     """Check a dataset; returns a JSON-ready report (see `format_report`). `report["errors"]` > 0 means unusable
-    samples (or a dataset that cannot be read at all, reported as one problem)."""
+    samples (or a dataset that cannot be read at all, reported as one problem). Caption lengths are counted as
+    `model`'s family builds its training rows (`captune.models.caption_counter`); `truncated` is how many
+    captions exceed `max_caption_tokens` and would lose their end in training."""
+    from ..models import caption_counter
+
     from . import build_dataset, wds
 
     report: dict = {"data": str(path), "format": data_format, "splits": {}, "problems": []}
@@ -37,8 +43,7 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
     sizes: list[tuple[int, int]] = []
     modes: Counter = Counter()
     hashes: dict[str, list[str]] = {}
-    tokenizer = _tokenizer()
-    prompt_tokens = len(tokenizer(prompt.strip(), add_special_tokens=False)["input_ids"]) if prompt.strip() else 0
+    count_tokens = caption_counter(model, prompt)
     for split, samples in splits.items():
         if not isinstance(samples, list):  # streamed shards: read them through, as training will
             samples = _shard_samples(wds.iter_samples(samples.paths), problems)
@@ -50,11 +55,12 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
                 continue
             images += 1
             captions += len(sample.captions)
-            lengths.extend(len(ids) + prompt_tokens for ids in tokenizer(list(sample.captions))["input_ids"])
+            lengths.extend(count_tokens(sample.captions))
         if images or split == "train":
             report["splits"][split] = {"images": images, "captions": captions}
     report["caption_tokens"] = _stats(lengths) | {
-        "max_caption_tokens": max_caption_tokens, "truncated": sum(n > max_caption_tokens for n in lengths)}
+        "max_caption_tokens": max_caption_tokens, "truncated": sum(n > max_caption_tokens for n in lengths),
+        "model": model}
     report["image_sizes"] = {
         "width": _stats([w for w, _ in sizes]), "height": _stats([h for _, h in sizes])}
     report["modes"] = dict(modes.most_common())
@@ -62,12 +68,6 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
     report["problems"] = [{"where": p.where, "id": p.id, "reason": p.reason} for p in problems]
     report["errors"] = len(problems)
     return report
-
-
-def _tokenizer():
-    from ..model import blip_tokenizer
-
-    return blip_tokenizer()
 
 
 def _shard_samples(items, problems: list[Problem]):
@@ -115,7 +115,8 @@ def format_report(report: dict) -> str:
     tokens = report.get("caption_tokens")
     if tokens and tokens["min"] is not None:
         lines.append(f"  caption tokens: min {tokens['min']} median {tokens['median']:g} p95 {tokens['p95']:g} max "
-                     f"{tokens['max']}; {tokens['truncated']} over max_caption_tokens={tokens['max_caption_tokens']}")
+                     f"{tokens['max']}; {tokens['truncated']} over max_caption_tokens={tokens['max_caption_tokens']}"
+                     + (f" ({tokens['model']}'s tokens; training truncates them)" if tokens["truncated"] else ""))
     sizes = report.get("image_sizes")
     if sizes and sizes["width"]["min"] is not None:
         w, h = sizes["width"], sizes["height"]
