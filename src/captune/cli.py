@@ -335,7 +335,11 @@ def generation_options(args, model_dir_settings: dict):
 
 def resolve_model(name: str) -> str:
     """A run directory stands for its best/ model; anything else (model dir, adapter dir, hub id, tiny) as given."""
+    from .checkpoint import restore_interrupted_swap
+
     path = Path(name).expanduser()
+    if path.is_dir():
+        restore_interrupted_swap(path / "best")  # a run killed mid-swap left its previous best/ aside
     if path.is_dir() and (path / "best").is_dir() and not any(
         (path / marker).is_file() for marker in ("config.json", "adapter_config.json")
     ):
