@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # The CPU build of torch must go in first: an unpinned torch requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test demo test mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest -q
+
+# Not part of `test`: breaks one feature at a time in a temporary copy and reruns its tests (tools/mutants.py).
+mutants: install-test
+	$(PY) tools/mutants.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -59,3 +59,18 @@ def test_accelerate_launch_config_parses(path):
     config = ClusterConfig.from_yaml_file(str(path))
     assert config.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED")
     assert path.read_text().startswith("#")
+
+
+def test_blip2_recipes_are_lavis_and_fit_their_gpu():
+    coco = yaml.safe_load((CONFIGS / "blip2_opt2.7b_coco.yaml").read_text())
+    coco["data"].pop("format", None)
+    cfg = load_config(None, coco)
+    # LAVIS caption_coco_ft.yaml: lr 1e-5, wd 0.05, 5 epochs, 16 x 16 GPUs, ViT + Q-Former trained, OPT frozen.
+    assert (cfg.model.name, cfg.train.mode) == ("Salesforce/blip2-opt-2.7b", "frozen-lm")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.epochs) == (1e-5, 0.05, 5)
+    assert cfg.train.batch_size * cfg.train.grad_accum * 8 == 256  # the launch comment's 8 GPUs
+    assert (cfg.data.prompt, cfg.data.max_caption_tokens) == ("a photo of ", 32)
+    assert (cfg.eval.num_beams, cfg.eval.max_new_tokens, cfg.eval.min_new_tokens) == (5, 30, 8)
+    lora = load_config(None, yaml.safe_load((CONFIGS / "blip2_opt2.7b_lora_24gb.yaml").read_text()))
+    assert lora.train.mode == "lora" and lora.train.lora_targets == "q_proj,v_proj"
+    assert lora.train.gradient_checkpointing and lora.train.batch_size == 8

@@ -73,7 +73,16 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in records if r["split"] == "train"]
 
 
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
 def test_two_processes_batch_4_follow_one_process_batch_8(data_dir, single, tmp_path):
+    """Also kills "DDP never all-reduces gradients" (tools/mutants.py) by its final weights: each process stepping
+    on its own half-batch gradients leaves rank 0's weights as far from the one-process run's as training moved
+    them, whatever the logged (all-reduced) losses say."""
     output = tmp_path / "run"
     # Checkpoints kept (a clean finish removes them by default), the step-2 one beside the final step-3 one.
     torchrun(["-m", "captune", "-q"] + train_args(data_dir, output, batch_size=4)
@@ -86,6 +95,13 @@ def test_two_processes_batch_4_follow_one_process_batch_8(data_dir, single, tmp_
     assert {p.name for p in (output / "checkpoints" / "step-00000002").glob("random_states_*")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
     assert (output / "last" / "model.safetensors").is_file()
+    import torch
+
+    start = load_model_and_processor("tiny", seed=42)[0].state_dict()  # train.seed's random init
+    trained_one, trained_two = weights(single / "last"), weights(output / "last")
+    moved = torch.sqrt(sum(((trained_one[k] - start[k]) ** 2).sum() for k in trained_one))
+    apart = torch.sqrt(sum(((trained_two[k] - trained_one[k]) ** 2).sum() for k in trained_one))
+    assert moved > 0 and apart < 0.01 * moved, (apart.item(), moved.item())
 
 
 def test_distributed_evaluation_equals_single_process(data_dir, single, tmp_path):

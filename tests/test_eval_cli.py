@@ -110,7 +110,15 @@ def test_repeated_model_gets_distinct_labels():
     assert cli.model_labels(["tiny", "a", "tiny", "tiny"]) == ["tiny", "a", "tiny#2", "tiny#3"]
 
 
-def test_generation_flags_reach_generate(setup):
+def test_generation_flags_reach_generate(setup, monkeypatch):
+    """Kills "eval sampling flags dropped" and "eval --repetition-penalty dropped" (tools/mutants.py): exit 0 and
+    caption lengths alone did not notice `--sample --top-p --temperature --repetition-penalty` going missing."""
+    from transformers import BlipForConditionalGeneration
+
+    calls = []
+    real_generate = BlipForConditionalGeneration.generate
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate",
+                        lambda self, *args, **kwargs: calls.append(kwargs) or real_generate(self, *args, **kwargs))
     out = setup["root"] / "flags"
     assert cli.main(["-q", "eval", "--model", "tiny", "--data", str(setup["data"]), "--output", str(out),
                      "--num-beams", "2", "--min-new-tokens", "2", "--max-new-tokens", "2",
@@ -123,6 +131,31 @@ def test_generation_flags_reach_generate(setup):
     sampled = setup["root"] / "sampled"
     assert cli.main(["-q", "eval", "--model", "tiny", "--data", str(setup["data"]), "--output", str(sampled),
                      "--sample", "--top-p", "0.5", "--temperature", "0.7", *FAST]) == 0
+    flagged, sampled_calls = calls[0], calls[-1]
+    assert flagged["num_beams"] == 2 and flagged["repetition_penalty"] == 1.3 and not flagged.get("do_sample")
+    assert flagged["min_new_tokens"] == flagged["max_new_tokens"] == 2
+    assert sampled_calls["do_sample"] is True and sampled_calls["top_p"] == 0.5
+    assert sampled_calls["temperature"] == 0.7
+
+
+def test_repetition_penalty_changes_what_a_repeating_model_writes():
+    """Kills "repetition penalty never passed to generate()" (tools/mutants.py) by its effect: a tiny model whose
+    LM head favours "dog" (bias +1) writes it again and again greedily; a penalty of 2 makes it pick other words."""
+    import torch
+    from PIL import Image
+
+    from captune.generate import GenerationOptions, caption_images
+
+    model, processor = load_model_and_processor("tiny")
+    model.eval()
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[processor.tokenizer.convert_tokens_to_ids("dog")] = 1.0
+    images = [Image.new("RGB", (64, 64), colour) for colour in ((200, 30, 30), (30, 160, 40))]
+    plain, penalised = (caption_images(model, processor, images, GenerationOptions(
+        num_beams=1, max_new_tokens=8, min_new_tokens=8, repetition_penalty=penalty)) for penalty in (1.0, 2.0))
+    for repeated, varied in zip(plain, penalised):
+        assert repeated.split().count("dog") >= 3 and varied.split().count("dog") < repeated.split().count("dog"), \
+            (plain, penalised)
 
 
 def test_bad_generation_flags_and_missing_model_are_one_line_errors(setup, capsys):

@@ -114,3 +114,9 @@ def test_accumulation_over_an_odd_number_of_batches_resumes_exactly(tmp_path, mo
     code (the dropout masks shift as above)."""
     data = train_only(tmp_path / "data", 20)
     assert_resume_is_exact(tmp_path, monkeypatch, data, "--mode", "lora", "--grad-accum", "2", stop_after=4)
+
+
+def test_florence2_lora_resumes_exactly(tmp_path, monkeypatch):
+    """Florence-2 (encoder-decoder, BART's dropout 0.1 besides LoRA's): killed mid-epoch and resumed, the same run."""
+    data = train_only(tmp_path / "data", 16)
+    assert_resume_is_exact(tmp_path, monkeypatch, data, "--mode", "lora", "--model", "tiny-florence2")

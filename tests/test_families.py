@@ -23,7 +23,7 @@ from captune.model import load_model_and_processor
 from captune.models.common import IGNORE_INDEX, mean_loss
 
 CONTRACT = ("defaults", "preset_tokenizer", "load", "image_size", "pixel_values", "tokenize", "start_token_id",
-            "target_tokens", "loss_sum", "generate", "set_trainable", "lora_pattern", "vision_tower", "int8_targets", "sdpa_forward",
+            "target_tokens", "loss_sum", "sequence_nll", "generate", "set_trainable", "lora_pattern", "vision_tower", "int8_targets", "sdpa_forward",
             "usage_snippet", "caption_lengths")
 LEVERS = {"sdpa", "beam_cache", "int8", "grouped"}
 

@@ -106,7 +106,20 @@ def test_grouped_shards_stream_an_images_captions_together(tmp_path):
     assert len(runs) == len(set(runs)) == 12
 
 
-def test_train_with_grouped_sampling_end_to_end(tmp_path):
+def test_train_with_grouped_sampling_end_to_end(tmp_path, monkeypatch):
+    """Kills "grouped batches stop sharing the ViT pass" (tools/mutants.py) end to end: the training forwards
+    encode fewer images than they train pairs (the run alone would pass with every caption row encoded)."""
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+
+    encoded = []
+    real_forward = BlipVisionModel.forward
+
+    def counting_forward(self, pixel_values=None, *args, **kwargs):
+        if torch.is_grad_enabled():  # training, not the final validation's generate()
+            encoded.append(pixel_values.shape[0])
+        return real_forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(BlipVisionModel, "forward", counting_forward)
     tar_shards(tmp_path / "shards", 1, 6)  # 9 pairs over 6 images
     run = tmp_path / "run"
     assert main(["-q", "train", "--data", str(tmp_path / "shards"), "--model", "tiny", "--output", str(run),
@@ -114,4 +127,6 @@ def test_train_with_grouped_sampling_end_to_end(tmp_path):
                  "--report-to", "none"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and not summary["skipped_samples"]
+    # 3 batches of 3 pairs; an image's two captions can straddle a batch boundary at most twice, so <= 8 encodes.
+    assert len(encoded) == 3 and 6 <= sum(encoded) <= 8, encoded
     assert (run / "last" / "model.safetensors").is_file()

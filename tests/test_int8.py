@@ -142,11 +142,19 @@ def test_captioner_load_int8_defaults_to_cpu_and_quantizes(trained):
     assert agree >= 14
 
 
-def test_caption_cli_int8_writes_captions(trained, tmp_path):
+def test_caption_cli_int8_writes_captions(trained, tmp_path, monkeypatch):
+    """Kills the mutation "caption --int8 ignored" (tools/mutants.py): the captions alone would still agree."""
+    import captune.captioner
+    import captune.speed
+
+    quantized = []
+    real = captune.captioner.quantize_int8
+    monkeypatch.setattr(captune.captioner, "quantize_int8", lambda model: quantized.append(model) or real(model))
     folder = trained["data"] / "validation"
     out = tmp_path / "captions.jsonl"
     assert main(["-q", "caption", "--model", str(trained["dir"]), "--int8", "--max-new-tokens", "8",
                  "--format", "jsonl", "--output", str(out), str(folder)]) == 0
+    assert len(quantized) == 1 and captune.speed.int8_quantized(quantized[0])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 48 and all(row["caption"] for row in rows)
     expected = caption_images(trained["model"], trained["processor"], trained["images"], OPTIONS)

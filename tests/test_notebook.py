@@ -55,6 +55,27 @@ def text_of(cell) -> str:
     return "".join(parts)
 
 
+def assert_pads_are_minus_100(collator_text: str) -> None:
+    """The collator cell prints, per row, its tokens, input_ids and labels: every [PAD] column is labelled -100, and
+    in the batch without a prompt every other column after [DEC] is labelled with its own id.
+
+    Kills "blip: pads not -100 (as the notebook shows it)" (tools/mutants.py): `"-100" in collator_text` alone was
+    satisfied by the prompt's masked positions.
+    """
+    lines = [line.split() for line in collator_text.splitlines()]
+    rows = [(lines[i], lines[i + 1][:-2], lines[i + 2][:-2]) for i in range(len(lines) - 2)
+            if lines[i + 1][-2:] == ["<-", "input_ids"] and lines[i + 2][-2:] == ["<-", "labels"]]
+    assert len(rows) == 4, collator_text  # two captions, without and with a prompt
+    assert any("[PAD]" in tokens for tokens, _, _ in rows), "the shown batches must contain padding"
+    for index, (tokens, ids, labels) in enumerate(rows):
+        assert tokens[0] == "[DEC]" and labels[0] == "-100"
+        for token, token_id, label in zip(tokens[1:], ids[1:], labels[1:]):
+            if token == "[PAD]":
+                assert label == "-100", (tokens, labels)
+            elif index < 2:  # no prompt: every caption token is a target
+                assert label == token_id, (tokens, labels)
+
+
 @pytest.mark.timeout(900)
 def test_notebook_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     write_kernelspec(tmp_path / "jupyter")
@@ -73,6 +94,7 @@ def test_notebook_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     # The processor section shows the [DEC] bos and -100 labels.
     collator_text = text_of(cells["collator"])
     assert "[DEC]" in collator_text and "-100" in collator_text
+    assert_pads_are_minus_100(collator_text)
     # Training drew its tqdm.auto progress bar as a Jupyter widget, not as text.
     assert any(WIDGET_VIEW in output.get("data", {}) for output in cells["train"].outputs)
     # The metrics table compares before and after, and the tiny model learned something in its few epochs.

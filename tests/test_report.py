@@ -130,6 +130,32 @@ def test_report_shows_config_metrics_captions_and_ranked_examples(run):
     assert [cider[i] for i in best_ids] == sorted(cider.values(), reverse=True)[:5]
 
 
+def test_metric_table_holds_the_runs_numbers_and_each_card_its_own_captions(run):
+    """Kills "report metric columns swapped" and "report cards show the after caption as the before one"
+    (tools/mutants.py): `html.escape(prediction) in page` holds for an empty prediction or one shown on the wrong
+    card, and no test read the numbers of the metric table."""
+    import html
+
+    page = (run / "report.html").read_text(encoding="utf-8")
+    final = json.loads((run / "summary.json").read_text())["final_metrics"]
+    base = [r for r in _jsonl(run / "metrics.jsonl") if r["split"] == "before"][-1]
+    table = page.split("<table class=metrics>")[1].split("</table>")[0]
+    for key in ("bleu_4", "rouge_l", "cider"):
+        row = re.search(rf"<tr><th>{key}</th>(.*?)</tr>", table).group(1)
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        assert cells[0] == f"{base[key]:.4f}" and cells[-1] == f"{final[key]:.4f}", (key, cells)
+    before = {r["id"]: r["prediction"] for r in _jsonl(run / "val_predictions_before.jsonl")}
+    after = {r["id"]: r["prediction"] for r in _jsonl(run / "val_predictions.jsonl")}
+    gallery = page.split("<h3>Best")[0]
+    cards = re.findall(r"<p class=id>([^<]+)</p><p class=before><b>[^<]*</b> (.*?)(?: <span|</p>)"
+                       r".*?<p class=after><b>[^<]*</b> (.*?)(?: <span|</p>)", gallery)
+    assert len(cards) == min(report.GALLERY_SIZE, N_VAL)
+    for image_id, shown_before, shown_after in cards:
+        assert shown_before == html.escape(before[html.unescape(image_id)])
+        assert shown_after == html.escape(after[html.unescape(image_id)])
+    assert any(before[i] != after[i] for i in before), "the run must change some caption for this to test anything"
+
+
 def test_best_and_worst_cards_show_their_references(run):
     page = (run / "report.html").read_text(encoding="utf-8")
     examples = page.split("<h2>Best and worst examples</h2>")[1].split("</section>")[0]

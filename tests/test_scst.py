@@ -14,11 +14,10 @@ import captune.train
 from captune.cider import build_cider_d, caption_words, cider_d
 from captune.cli import main
 from captune.config import load_config
-from captune.data.collate import IGNORE_INDEX, CaptionCollator
 from captune.data.records import CaptionSample
 from captune.data.synthetic import make_synthetic
 from captune.errors import CaptuneError
-from captune.scst import build_scst, policy_gradient_loss_sum, rewards_and_baseline
+from captune.scst import build_scst, rewards_and_baseline
 
 
 @pytest.fixture(autouse=True)
@@ -52,36 +51,28 @@ def test_rewards_are_cider_d_against_training_frequencies_and_the_baseline_is_as
         assert (base == base[:, :1]).all()
 
 
-def test_loss_is_minus_advantage_times_log_probability_of_the_sampled_tokens(tiny):
-    """Summed here; the step divides by the window's sampled tokens (train loop)."""
-    _, processor = tiny
-    text = CaptionCollator(processor, max_tokens=20).tokenize(["a dog", "a big red dog on a mat"])
+def test_sequence_log_probability_counts_the_sampled_tokens_and_the_end_not_padding(tiny):
+    """SCST's loss is sum(advantage * sequence_nll): each row's -log p over its caption tokens, end token included."""
+    from captune.models import family_of
+
+    model, processor = tiny
+    family = family_of(model)
+    text = family.tokenize(processor, ["a dog", "a big red dog on a mat"], prompt="", max_tokens=20)
     labels = text["labels"]
-    logits = torch.randn(2, labels.shape[1], len(processor.tokenizer), requires_grad=True)
-    advantage = torch.tensor([2.0, -0.5])
-    loss = policy_gradient_loss_sum(logits, labels, advantage)
-    log_probs = logits.log_softmax(-1)
-    total, tokens, counted = 0.0, 0, []
+    batch = {**text, "pixel_values": torch.rand(2, 3, 64, 64)}
+    with torch.no_grad():
+        nll = family.sequence_nll(model, batch)
+        log_probs = model(pixel_values=batch["pixel_values"], input_ids=text["input_ids"],
+                          attention_mask=text["attention_mask"]).logits.float().log_softmax(-1)
+    counted = []
     for row in range(2):
-        for t in range(labels.shape[1] - 1):
-            target = labels[row, t + 1].item()
-            if target != IGNORE_INDEX:
-                total -= advantage[row] * log_probs[row, t, target]
-                tokens += 1
-                counted.append(target)
-    assert loss.item() == pytest.approx(total.item(), rel=1e-5)
-    # The end token is a sampled token (learning where to stop is half of SCST); padding after it is not.
+        targets = [(t, labels[row, t + 1].item()) for t in range(labels.shape[1] - 1) if labels[row, t + 1] >= 0]
+        counted += [target for _, target in targets]
+        assert nll[row].item() == pytest.approx(-sum(log_probs[row, t, target].item() for t, target in targets),
+                                                rel=1e-4)
     sep, pad = processor.tokenizer.sep_token_id, processor.tokenizer.pad_token_id
     assert counted.count(sep) == 2 and pad not in counted
-    assert tokens == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    # Descending the loss makes the positive-advantage caption likelier and the negative one less likely.
-    loss.backward()
-    with torch.no_grad():
-        stepped = (logits - 1.0 * logits.grad).log_softmax(-1)
-    def sequence_logp(lp, row):
-        return sum(lp[row, t, labels[row, t + 1]] for t in range(labels.shape[1] - 1) if labels[row, t + 1] >= 0)
-    assert sequence_logp(stepped, 0) > sequence_logp(log_probs, 0)
-    assert sequence_logp(stepped, 1) < sequence_logp(log_probs, 1)
+    assert len(counted) == int(family.target_tokens(text))
 
 
 def test_config_and_data_errors_are_one_line(tmp_path, capsys):
@@ -152,3 +143,53 @@ def test_scst_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path, mo
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert lines(whole) == lines(cut)
+
+
+@pytest.mark.slow  # two processes under torchrun (gloo): ~30 s of start-up and collectives
+def test_scst_under_two_processes_with_accumulation(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    run = tmp_path / "run"
+    args = scst_args(data_dir, run, "--max-steps", "2", "--grad-accum", "2", "--batch-size", "2")[1:]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "captune", "-q", *args], env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(r["reward"] is not None for r in train)
+    assert (run / "best" / "captune.json").is_file()
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("captune.models", fromlist=["PRESETS"]).PRESETS))
+def test_every_family_scores_sampled_captions_over_its_loss_positions(preset):
+    """sequence_nll sums, per caption, exactly what the family's loss_sum sums (its own label alignment)."""
+    from PIL import Image
+
+    from captune.model import load_model_and_processor
+    from captune.models import build_batch, family_of
+
+    model, processor = load_model_and_processor(preset, seed=0)
+    model.eval()  # dropout (BLIP-2's Q-Former) would make two forwards differ
+    family = family_of(model)
+    images = [Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (30, 40), (20, 20, 200))]
+    batch = build_batch(family, processor, images, ["a red square", "two blue circles on a table"], prompt="",
+                        max_tokens=20)
+    with torch.no_grad():
+        nll = family.sequence_nll(model, batch)
+        total = family.loss_sum(model, batch, label_smoothing=0.0)
+    assert nll.shape == (2,) and (nll > 0).all()
+    assert nll.sum().item() == pytest.approx(total.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-git", "tiny-florence2"])
+def test_scst_trains_other_families(preset, data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = [a if a != "tiny" else preset for a in scst_args(data_dir, run, "--max-steps", "1")]
+    assert main(args) == 0
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert train[0]["reward"] is not None and train[0]["loss"] == train[0]["loss"]

@@ -108,6 +108,14 @@ def test_bad_uploads_get_4xx_json(client, files, data, status, message):
     assert message in reply.json()["error"]
 
 
+def test_a_valid_image_sent_as_text_is_refused(client):
+    """Kills "serve: any content type accepted" (tools/mutants.py): a valid PNG declared text/plain is refused by
+    the content-type check itself (the other 415 rows are not images, so Pillow alone refuses them too)."""
+    reply = client.post("/v1/caption", files=[upload("photo.png", png_bytes(), "text/plain")])
+    assert reply.status_code == 415 and "content type text/plain is not an image" in reply.json()["error"]
+    assert client.post("/v1/caption", files=[upload("photo.png", png_bytes(), "image/png")]).status_code == 200
+
+
 def test_empty_and_malformed_bodies(client):
     empty = client.post("/v1/caption", content=b"")
     assert empty.status_code == 422 and "images" in empty.json()["error"]

@@ -190,3 +190,44 @@ def test_compile_uses_dynamic_shapes(monkeypatch):
     monkeypatch.setattr(model, "compile", lambda **kwargs: calls.append(kwargs))
     apply_speed_levers(model, sdpa=True, compile=True)
     assert calls == [{"dynamic": True}]
+
+
+def _autograd_names(tensor: torch.Tensor) -> list[str]:
+    names, seen, stack = [], set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_sdpa_kernel_runs_in_forward_backward_and_generate(tiny, monkeypatch):
+    """Kills "SDPA lever installs the eager forward" (tools/mutants.py): the SDPA-equals-eager tests above hold
+    trivially when the fused kernel never runs, so count its calls (forward, generate) and its backward nodes."""
+    model, processor = tiny
+    vision, text = model.config.vision_config.num_hidden_layers, model.config.text_config.num_hidden_layers
+    attention_modules = vision + 2 * text  # ViT self-attention; decoder self- and cross-attention
+    candidate = copy.deepcopy(model)
+    enable_sdpa(candidate)
+    candidate.train()
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    batch = _batch(processor)
+    out = candidate(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    assert len(calls) == attention_modules
+    loss = caption_loss(out.logits, batch["labels"], 0.1)
+    backward_nodes = [name for name in _autograd_names(loss) if "ScaledDotProduct" in name]
+    assert len(backward_nodes) == attention_modules, backward_nodes
+    loss.backward()
+    calls.clear()
+    candidate.eval()
+    new_tokens = 4
+    caption_images(candidate, processor, _images(2), GenerationOptions(num_beams=1, max_new_tokens=new_tokens,
+                                                                       min_new_tokens=new_tokens))
+    assert len(calls) >= vision + 2 * text * new_tokens  # the ViT once, then every decoding step

@@ -99,7 +99,11 @@ def _similarity(cider: CiderD, hyp, ref) -> float:
     total = 0.0
     for order in range(cider.n):
         ref_order = vec_r[order]
-        value = sum(min(w, ref_order.get(g, 0.0)) * ref_order.get(g, 0.0) for g, w in vec_h[order].items())
+        value = 0.0
+        for gram, weight in vec_h[order].items():
+            ref_weight = ref_order.get(gram)
+            if ref_weight:  # absent (or idf 0): contributes min(w, 0) * 0
+                value += min(weight, ref_weight) * ref_weight
         if norm_h[order] != 0 and norm_r[order] != 0:
             value /= norm_h[order] * norm_r[order]
         total += value * penalty

@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--caption-sampling", choices=["all", "random", "grouped"],
                        help="several captions per image: every pair per epoch (default), one drawn at random, or "
                             "every pair with an image's captions batched together so its ViT pass is shared")
-    train.add_argument("--mode", choices=["full", "frozen-vision", "lora"], help="what trains (default full)")
+    train.add_argument("--mode", choices=["full", "frozen-vision", "frozen-lm", "lora"],
+                       help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
     train.add_argument(*_trainer_alias("save-every", "save-steps"), dest="save_every", type=int,
@@ -492,7 +493,11 @@ def generation_options(args, model_dir_settings: dict):
 
 def resolve_model(name: str) -> str:
     """A run directory stands for its best/ model; anything else (model dir, adapter dir, hub id, tiny) as given."""
+    from .checkpoint import restore_interrupted_swap
+
     path = Path(name).expanduser()
+    if path.is_dir():
+        restore_interrupted_swap(path / "best")  # a run killed mid-swap left its previous best/ aside
     if path.is_dir() and (path / "best").is_dir() and not any(
         (path / marker).is_file() for marker in ("config.json", "adapter_config.json")
     ):

@@ -121,8 +121,10 @@ class TrainConfig:
     """Write a training line to metrics.jsonl every N optimizer steps."""
     best_metric: str = "cider"
     """Validation metric that picks best/ (higher is better); `cider+bleu_4` sums the two, as the BLIP recipe."""
-    mode: Literal["full", "frozen-vision", "lora"] = "full"
-    """What trains: everything, everything but the vision encoder, or LoRA adapters (base weights frozen)."""
+    mode: Literal["full", "frozen-vision", "frozen-lm", "lora"] | None = None
+    """What trains: everything, everything but the vision encoder, everything but the language model (BLIP-2: ViT and
+    Q-Former, the paper's fine-tuning), or LoRA adapters (base weights frozen). Unset: the model family's default
+    (full; frozen-lm for a pretrained BLIP-2)."""
     lora_rank: int = 16
     """LoRA rank r."""
     lora_alpha: int = 32
@@ -251,7 +253,7 @@ class Config:
 
 
 # Fields whose unset value (None) means "what the model's family says" (captune.models, `defaults(name)`).
-FAMILY_DEFAULTED = ("train.lr", "train.batch_size", "train.lora_targets", "data.max_caption_tokens",
+FAMILY_DEFAULTED = ("train.mode", "train.lr", "train.batch_size", "train.lora_targets", "data.max_caption_tokens",
                     "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens")
 
 
@@ -268,9 +270,11 @@ def resolve_defaults(cfg: Config, defaults: dict) -> Config:
     for dotted in FAMILY_DEFAULTED:
         section, key = dotted.split(".")
         if values[section][key] is None:
-            if dotted not in defaults:
+            # Every family trains everything unless it says otherwise (BLIP-2's pretrained default is frozen-lm).
+            value = defaults.get(dotted, "full" if dotted == "train.mode" else None)
+            if value is None:
                 raise CaptuneError(f"{dotted} is not set and the model family has no default for it: set it")
-            values[section][key] = defaults[dotted]
+            values[section][key] = value
     return from_dict(values)
 
 

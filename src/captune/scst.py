@@ -8,9 +8,9 @@ One step, per batch of training images (Rennie et al. 2017, with the baseline of
     3. baseline b: the mean reward of the image's *other* k-1 samples (default), or the greedy caption's reward;
     4. loss = -(r - b) * log p(sample), summed over the sampled caption tokens (its end token included, padding
        after it not) and averaged over all sampled tokens of the step (self-critical.pytorch's per-token mean).
-The log-probabilities come from a teacher-forced forward through the (DDP-)wrapped model of the batch the family's
-training-batch builder makes from the sampled *texts*, with each image's vision pass shared by its k captions
-(`speed.share_images`), so nothing here knows the model family. Decoding to text and tokenizing again gives the
+The log-probabilities come from the family's `sequence_nll`: a teacher-forced forward through the (DDP-)wrapped model
+of the batch the family's `tokenize` makes from the sampled *texts*, with each image's vision pass shared by its k
+captions (`speed.share_images`), so nothing here knows the model family. Decoding to text and tokenizing again gives the
 canonical tokenization of each sampled caption (the same ids for all but odd word pieces), and the reward is a
 function of the text alone.
 
@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .cider import END, CiderD, build_cider_d, caption_words, cider_d
@@ -35,6 +34,7 @@ from .data.collate import IGNORE_INDEX, ItemOptions, blank_image, decode_image
 from .data.records import CaptionSample
 from .errors import CaptuneError
 from .generate import GenerationOptions, caption_pixels
+from .models import family_of
 from .seeding import derive_seed, item_rng, seed_micro_batch
 from .speed import share_images
 
@@ -143,23 +143,6 @@ def rewards_and_baseline(setup: ScstSetup, sampled: list[str], greedy: list[str]
     return rewards, baseline
 
 
-def policy_gradient_loss_sum(logits: torch.Tensor, labels: torch.Tensor, advantage: torch.Tensor) -> torch.Tensor:
-    """-(r - b) * log p(token), summed over every labelled token (prompt and padding are -100; the end token is
-    labelled); `logits[:, t]` predicts `labels[:, t + 1]`.
-
-    Args:
-        logits: (rows, positions, vocab) of the teacher-forced sampled captions.
-        labels: (rows, positions), -100 where no token is sampled.
-        advantage: (rows,) reward minus baseline of each row's caption.
-    """
-    targets = labels[:, 1:]
-    shifted = logits[:, :-1, :].float()
-    # cross_entropy(reduction="none") is -log p(target) without materialising a second (rows, positions, vocab).
-    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none").view_as(targets)
-    return (advantage.to(nll.dtype)[:, None] * nll).sum()
-
-
 def sample_window(setup: ScstSetup, window: list[dict], *, unwrapped, processor, seed: int, epoch: int,
                   first_batch: int, process: int) -> list[dict]:
     """Sample and reward every micro-batch of an accumulation window (no gradients): per micro-batch, the tokenized
@@ -207,10 +190,11 @@ def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: l
     Returns:
         (this process's summed loss, detached; sampled tokens of the window on all processes; usable images).
     """
-    prepared = sample_window(setup, window, unwrapped=accelerator.unwrap_model(model), processor=processor, seed=seed,
-                             epoch=epoch, first_batch=first_batch, process=accelerator.process_index)
-    tokens = torch.stack([(p["text"]["labels"][:, 1:] != IGNORE_INDEX).sum() for p in prepared]).sum()
-    tokens = tokens.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    family = family_of(unwrapped)
+    prepared = sample_window(setup, window, unwrapped=unwrapped, processor=processor, seed=seed, epoch=epoch,
+                             first_batch=first_batch, process=accelerator.process_index)
+    tokens = torch.stack([family.target_tokens(p["text"]) for p in prepared]).sum().to(accelerator.device)
     if accelerator.num_processes > 1:
         tokens = accelerator.reduce(tokens, reduction="sum")
     scale = accelerator.gradient_accumulation_steps * accelerator.num_processes / tokens.clamp(min=1)
@@ -220,13 +204,15 @@ def scst_backward_window(setup: ScstSetup, accelerator, model, vision, window: l
         accelerator.sync_gradients = position == len(window) - 1
         seed_micro_batch(seed, epoch, first_batch + position, accelerator.process_index)
         pixel_values = batch["pixel_values"]
-        text = {name: value.to(pixel_values.device) for name, value in sample["text"].items()}
-        labels = text.pop("labels")
+        rows = {name: value.to(pixel_values.device) for name, value in sample["text"].items()}
+        rows["pixel_values"] = pixel_values
         image_index = torch.arange(sample["images"], device=pixel_values.device).repeat_interleave(setup.samples)
         with (contextlib.nullcontext() if accelerator.sync_gradients else accelerator.no_sync(model),
               share_images(vision, image_index)):
-            logits = model(pixel_values=pixel_values, **text).logits
-            loss = policy_gradient_loss_sum(logits, labels, sample["advantage"].to(logits.device))
+            # The family's own forward and label alignment (BLIP's shifted decoder, GIT's image rows, Florence-2's
+            # unshifted decoder labels): -log p of each sampled caption.
+            nll = family.sequence_nll(model, rows)
+            loss = (sample["advantage"].to(nll.device, nll.dtype) * nll).sum()
             accelerator.backward(loss * scale)
         loss_sum = loss_sum + loss.detach()
     return loss_sum, tokens, pairs

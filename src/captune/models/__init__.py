@@ -57,6 +57,10 @@ The contract every family module (`models/<family>.py`) implements, as plain mod
         run. Computed from the logits (`common.caption_loss_sum` for causal decoders) rather than the model's own
         loss so label smoothing is a training option; with label_smoothing=0, `common.mean_loss` (loss_sum /
         target_tokens) must equal the model's own loss where the model computes one.
+    sequence_nll(model, batch: dict) -> torch.Tensor
+        (rows,): -log p of each row's caption, summed over the positions `loss_sum` sums over, without smoothing
+        (so sequence_nll(...).sum() == loss_sum(..., label_smoothing=0)); same batch and wrapping rules as
+        `loss_sum`. SCST weighs each sampled caption's log-probability by its advantage with it.
     generate(model, processor, pixel_values: torch.Tensor, options: GenerationOptions) -> list[str]
         One caption per image row: decoding starts from `start_token_id` (plus the prompt's tokens when
         options.prompt is set), the prompt and special tokens are removed and whitespace stripped. `model` is
@@ -99,6 +103,7 @@ from ..errors import CaptuneError
 # config.model_type -> family module name (the one place the supported families are listed).
 MODEL_TYPES = {
     "blip": "blip",
+    "blip-2": "blip2",
     "git": "git",
     "florence2": "florence2",
 }
@@ -107,6 +112,8 @@ MODEL_TYPES = {
 KNOWN_HUB_IDS = {
     "Salesforce/blip-image-captioning-base": "blip",
     "Salesforce/blip-image-captioning-large": "blip",
+    "Salesforce/blip2-opt-2.7b": "blip2",
+    "Salesforce/blip2-flan-t5-xl": "blip2",
     "microsoft/git-base": "git",
     "microsoft/git-base-coco": "git",
     "microsoft/git-large-coco": "git",
@@ -115,6 +122,8 @@ KNOWN_HUB_IDS = {
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
     "tiny": "blip",
+    "tiny-blip2": "blip2",
+    "tiny-blip2-t5": "blip2",
     "tiny-git": "git",
     "tiny-florence2": "florence2",
 }
@@ -131,6 +140,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import blip
 
         return blip
+    if family == "blip2":
+        from . import blip2
+
+        return blip2
     if family == "git":
         from . import git
 
@@ -304,6 +317,7 @@ def build_batch(family, processor, images: list, captions: list[str], *, prompt:
 # Processor class -> family: lets a bare processor (tests, benchmarks, notebooks) build batches without a model.
 PROCESSOR_CLASSES = {
     "BlipProcessor": "blip",
+    "Blip2Processor": "blip2",
     "GitProcessor": "git",
     "Florence2Processor": "florence2",
 }

@@ -22,7 +22,7 @@ from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
 
 from ..errors import CaptuneError
 from .blip_sdpa import beam_search_cache, sdpa_forward  # noqa: F401  (sdpa_forward is part of the contract)
-from .common import IGNORE_INDEX, caption_loss_sum, first_line, target_tokens as _target_tokens
+from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
 
 log = logging.getLogger("captune")
 
@@ -224,6 +224,13 @@ def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
     outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"])
     return caption_loss_sum(outputs.logits, batch["labels"], label_smoothing)
+
+
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p per row over `loss_sum`'s positions (see captune.models)."""
+    outputs = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    return caption_sequence_nll(outputs.logits, batch["labels"])
 
 
 @torch.inference_mode()

@@ -22,6 +22,15 @@ def caption_loss_sum(logits: torch.Tensor, labels: torch.Tensor, label_smoothing
     )
 
 
+def caption_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-log p of each row's caption tokens: `caption_loss_sum`'s positions without smoothing, summed per row (rows,)."""
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return nll.view_as(targets).sum(dim=1)
+
+
 def target_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Caption tokens `caption_loss_sum` is taken over (labels shifted by one, -100 left out)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()

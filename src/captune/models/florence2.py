@@ -118,12 +118,15 @@ def vision_seq_length(config: Florence2Config, image_side: int) -> int:
 
 
 def tiny_config(tokenizer) -> Florence2Config:
-    """A small Florence-2: a 2-stage DaViT (64 px -> 8x8 features) and a 1+1-layer BART, d_model 64."""
+    """A small Florence-2: a 2-stage DaViT (64 px -> 8x8 features) and a 2+2-layer BART, d_model 128.
+
+    d_model 64 with 1+1 layers learnt the shapes task far slower (held-out exact match 0.04 vs 0.62 after 280 steps
+    of 16 at lr 1e-3 in one trial), for about half the compute a step."""
     vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
                   patch_prenorm=[False, True], embed_dim=[32, 64], num_heads=[2, 4], num_groups=[2, 4],
-                  window_size=4, projection_dim=64, drop_path_rate=0.0)
-    text = BartConfig(vocab_size=len(tokenizer), d_model=64, encoder_layers=1, decoder_layers=1,
-                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                  window_size=4, projection_dim=128, drop_path_rate=0.0)
+    text = BartConfig(vocab_size=len(tokenizer), d_model=128, encoder_layers=2, decoder_layers=2,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
@@ -255,6 +258,15 @@ def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
                            ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum")
 
 
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p per row over `loss_sum`'s positions: decoder logits at t against labels at t (no shift)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], decoder_input_ids=batch["decoder_input_ids"]).logits
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view_as(batch["labels"]).sum(dim=1)
+
+
 @torch.inference_mode()
 def generate(model, processor, pixel_values: torch.Tensor, options) -> list[str]:
     """Caption a batch of preprocessed images: the task prompt as encoder input, the processor's post-processing."""
@@ -295,7 +307,9 @@ def lora_pattern(targets: list[str], vision: bool) -> str:
 
 def vision_tower(model) -> torch.nn.Module:
     """The DaViT: grouped caption sampling repeats its output rows (before the projector) per caption."""
-    return model.model.vision_tower
+    # Under peft, `model.model` is the wrapped Florence2ForConditionalGeneration, not its Florence2Model.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model.vision_tower
 
 
 def int8_targets(model) -> dict[str, torch.nn.Module]:

@@ -28,7 +28,7 @@ from transformers.models.git.modeling_git import GitSelfAttention, GitVisionAtte
 
 from ..errors import CaptuneError
 from .blip import check_loading_info, prompt_length, vocab_path
-from .common import caption_loss_sum, first_line, target_tokens as _target_tokens
+from .common import caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
 
 NAME = "git"
 TITLE = "GIT"
@@ -175,6 +175,14 @@ def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
                    attention_mask=batch["attention_mask"]).logits
     text_logits = logits[:, logits.shape[1] - input_ids.shape[1]:]
     return caption_loss_sum(text_logits, batch["labels"], label_smoothing)
+
+
+def sequence_nll(model, batch: dict) -> torch.Tensor:
+    """-log p per row over `loss_sum`'s positions (image rows cut off first, see `loss_sum`)."""
+    input_ids = batch["input_ids"]
+    logits = model(pixel_values=batch["pixel_values"], input_ids=input_ids,
+                   attention_mask=batch["attention_mask"]).logits
+    return caption_sequence_nll(logits[:, logits.shape[1] - input_ids.shape[1]:], batch["labels"])
 
 
 @torch.inference_mode()
