@@ -112,10 +112,17 @@ def test_trainer_flag_names_are_aliases():
 
 def test_dry_run_prints_config_counts_and_parameters_and_writes_nothing(small_data, tmp_path, capsys):
     out = tmp_path / "never"
-    assert main(train_args(small_data, out, "--epochs", "3", "--mode", "frozen-vision", "--dry-run")) == 0
+    assert main(["train", "--model", "tiny", "--data", str(small_data), "--output", str(out), "--epochs", "3",
+                 "--mode", "frozen-vision", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert not out.exists()
     assert "epochs: 3" in printed and "mode: frozen-vision" in printed  # the resolved YAML
+    # Keys the config leaves to the model family are shown with the family's values, as train() would use them.
+    from captune.models import family_defaults
+
+    tiny = family_defaults("tiny")
+    assert f"lr: {tiny['train.lr']}" in printed and f"batch_size: {tiny['train.batch_size']}" in printed
+    assert "lr: null" not in printed
     assert "32 training images" in printed and "8 validation images" in printed
     from captune.finetune import apply_mode
     from captune.model import count_parameters, load_model_and_processor

@@ -449,9 +449,9 @@ def dry_run(cfg) -> int:
     from .config import to_dict
     from .data import build_dataset, count_captions
     from .finetune import freeze_summary
-    from .model import count_parameters
-    from .train import trainable_model
+    from .train import resolved, trainable_model
 
+    cfg = resolved(cfg)  # the model family's defaults filled in, as train() fills them
     print("# resolved configuration (captune train --config accepts this)")
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
     data = build_dataset(
@@ -464,9 +464,7 @@ def dry_run(cfg) -> int:
           f"{len(validation)} validation images, {sum(len(s.captions) for s in validation)} captions; "
           f"{len(data.problems)} unusable row(s) skipped")
     model, _ = trainable_model(cfg)
-    trainable, total = count_parameters(model)
-    print(f"# model {cfg.model.name} (mode {cfg.train.mode}): {trainable:,} of {total:,} parameters trainable; "
-          f"{freeze_summary(model)}")
+    print(f"# model {cfg.model.name} (mode {cfg.train.mode}): {freeze_summary(model)}")
     print(f"# dry run: nothing written ({cfg.output} untouched)")
     return 0
 
