@@ -156,6 +156,11 @@ def test_a_kill_mid_swap_is_repaired_before_best_is_used_again(tiny, tmp_path):
     best.rename(tmp_path / ".best.k1ll3d.old")  # the state a kill between the renames leaves
     restore_interrupted_swap(best)
     assert json.loads((best / "captune.json").read_text())["step"] == 1
+    # Readers of a run directory (caption, eval, serve --model RUN) repair it too.
+    from captune.cli import resolve_model
+
+    best.rename(tmp_path / ".best.k1ll3d.old")
+    assert resolve_model(str(tmp_path)) == str(best) and (best / "model.safetensors").is_file()
 
 
 def test_after_resume_best_is_the_restored_best_step(with_validation, tmp_path, monkeypatch):

@@ -84,7 +84,9 @@ def test_two_processes_batch_4_follow_one_process_batch_8(data_dir, single, tmp_
     on its own half-batch gradients leaves rank 0's weights as far from the one-process run's as training moved
     them, whatever the logged (all-reduced) losses say."""
     output = tmp_path / "run"
-    torchrun(["-m", "captune", "-q"] + train_args(data_dir, output, batch_size=4))
+    # Checkpoints kept (a clean finish removes them by default), the step-2 one beside the final step-3 one.
+    torchrun(["-m", "captune", "-q"] + train_args(data_dir, output, batch_size=4)
+             + ["--keep-checkpoints", "--keep-last", "2"])
     one, two = losses(single), losses(output)
     assert len(one) == len(two) == 3  # one writer: no line twice
     # Same samples in each global batch; the per-process token means differ slightly from the global mean.

@@ -107,6 +107,28 @@ def test_numeric_captions_in_coco_and_webdataset_are_listed_problems(tmp_path, c
     assert "shard.tar:b.json: caption 42 is a int, not text" in capsys.readouterr().out
 
 
+def test_hf_split_without_its_caption_column_is_one_problem_among_the_others(tmp_path, capsys):
+    """Before: the validation split's missing column refused the whole dataset, hiding the train split's problems."""
+    import datasets
+    from PIL import Image
+
+    def images(n):
+        return [Image.new("RGB", (16, 16), COLOURS[i]) for i in range(n)]
+
+    train = datasets.Dataset.from_dict({"image": images(3), "text": ["a caption", "", "another caption"]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "text": datasets.Value("string")}))
+    validation = datasets.Dataset.from_dict({"image": images(2), "label": [0, 1]},
+                                            features=datasets.Features({"image": datasets.Image(),
+                                                                        "label": datasets.Value("int64")}))
+    path = tmp_path / "saved"
+    datasets.DatasetDict({"train": train, "validation": validation}).save_to_disk(str(path))
+    assert main(["check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "[train] row 1: empty caption" in out and "[validation]: no caption column" in out
+    assert "2 images" in out and "2 error(s)" in out
+
+
 def test_csv_without_a_caption_column_is_one_problem(tmp_path, capsys):
     root = tmp_path / "csv"
     root.mkdir()

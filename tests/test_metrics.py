@@ -232,15 +232,13 @@ def test_no_java_on_path_falls_back_with_one_warning(monkeypatch, caplog):
 
 
 def test_unwritable_ptb_dir_falls_back(monkeypatch, caplog):
-    # PTBTokenizer writes its temp file beside its jar; a read-only install raises before java even starts.
-    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    # The captions go to java through a temporary file: an unwritable temporary directory raises before java starts.
+    import tempfile
 
-    class ReadOnly:
-        @staticmethod
-        def NamedTemporaryFile(**kwargs):
-            raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
 
-    monkeypatch.setattr(ptb, "tempfile", ReadOnly)
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", read_only)
     monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
     monkeypatch.setattr(metrics, "_meteor_score", lambda gts, res: 0.5)
     monkeypatch.setattr(metrics, "_spice_score", lambda gts, res: None)
@@ -404,3 +402,30 @@ def test_spice_failure_is_one_warning(spice_dir, monkeypatch, caplog):
     monkeypatch.setattr(metrics, "_ptb_tokenize", lambda p, r, ids: ({i: r[i] for i in ids}, {i: [p[i]] for i in ids}))
     monkeypatch.setattr(metrics, "_meteor_score", lambda gts, res: 0.5)
     assert score({"a": "x", "b": "y"}, {"a": ["x"], "b": ["z"]})["spice"] == 0.3
+
+
+@pytest.mark.java
+@no_java
+def test_ptb_tokenizer_is_quiet_and_equals_pycocoevalcaps(capfd):
+    """Our PTBTokenizer call gives pycocoevalcap's tokens without Java's "PTBTokenizer tokenized N tokens" line on
+    stderr at every validation; a failing Java is an error naming Java's own message."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from captune.metrics import _run_ptb_tokenizer
+
+    captions = {i: [{"caption": s}] for i, s in enumerate(sorted(set(PREDS.values()) | set(EXTRA_SENTENCES)))}
+    ours = _run_ptb_tokenizer(captions)
+    assert "tokens per second" not in capfd.readouterr().err
+    assert ours == PTBTokenizer().tokenize(captions)
+    assert "PTBTokenizer tokenized" in capfd.readouterr().err  # what pycocoevalcap's own call prints
+
+
+def test_a_failing_ptb_tokenizer_says_why(monkeypatch):
+    import subprocess
+
+    from captune.metrics import _run_ptb_tokenizer
+
+    failed = subprocess.CompletedProcess([], 1, stdout=b"", stderr=b"Exception in thread\nError: no such class\n")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError, match="PTBTokenizer \\(java\\) failed: Error: no such class"):
+        _run_ptb_tokenizer({1: [{"caption": "a dog"}]})

@@ -7,6 +7,9 @@ tiny BLIP on synthetic data, offline, CPU) and its working directory in tmp_path
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +35,9 @@ def write_kernelspec(directory: Path) -> None:
         "display_name": "Python 3 (captune tests)",
         "language": "python",
         "env": {"CAPTUNE_NOTEBOOK_TINY": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false"},
+                "TOKENIZERS_PARALLELISM": "false",
+                # The shell cell's `!captune ...` finds this interpreter's entry point, as in an activated venv.
+                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")},
     }))
 
 
@@ -103,6 +108,18 @@ def test_notebook_runs_top_to_bottom_in_tiny_mode(tmp_path, monkeypatch):
     # Figures (the data grid, the captions after training) were drawn.
     assert any("image/png" in output.get("data", {}) for output in cells["look"].outputs)
     assert "nothing pushed" in text_of(cells["hub"])
+    # The hand-written loop: a batch, one step, the loss going down, its curve; then train()'s loss curves.
+    assert "pixel_values" in text_of(cells["loop-data"]) and "first step's loss" in text_of(cells["loop-step"])
+    first, last = map(float, re.search(r"loss: ([\d.]+) at the first step, ([\d.]+) over the last five",
+                                       text_of(cells["loop-train"])).groups())
+    assert last < first - 0.5, (first, last)
+    assert any(WIDGET_VIEW in output.get("data", {}) for output in cells["loop-train"].outputs)
+    for cell_id in ("loop-plot", "curves"):
+        assert any("image/png" in output.get("data", {}) for output in cells[cell_id].outputs), cell_id
+    # Every shell command of the notebook ran: check, a dry run, eval (its table), caption (one line).
+    shell = text_of(cells["shell"])
+    assert "ok: no errors" in shell and "dry run: nothing written" in shell and "cider" in shell, shell
+    assert (work / "runs" / "notebook" / "eval" / "metrics.json").is_file() and not (work / "runs" / "cli").exists()
 
 
 def test_committed_notebook_has_no_outputs():
@@ -122,3 +139,26 @@ def test_notebook_defaults_to_blip_base_and_does_not_push():
     assert 'os.environ.get("CAPTUNE_NOTEBOOK_TINY") == "1"' in sources["settings"]
     assert '"Salesforce/blip-image-captioning-base"' in sources["settings"]
     assert "PUSH_TO_HUB = False" in sources["hub"]
+
+
+def test_notebook_outputs_are_ignored_by_git():
+    """Run from a clone (working directory notebooks/), the lab writes data/ and runs/ there: git ignores both, so
+    `git status` stays clean."""
+    repo = NOTEBOOK.parents[1]
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["notebooks/data/synthetic/train/metadata.jsonl", "notebooks/runs/notebook/best/model.safetensors"]
+    done = subprocess.run(["git", "-C", str(repo), "check-ignore", "--no-index", *paths], capture_output=True, text=True)
+    assert done.stdout.split() == paths
+
+
+def test_notebook_doc_commands_match_the_notebook():
+    """docs/notebook.md shows the commands that work: an install from a clone with the extra that brings Jupyter."""
+    doc = (NOTEBOOK.parents[1] / "docs" / "notebook.md").read_text()
+    assert 'pip install -e ".[notebook]"' in doc and "OWNER" not in doc
+    source = "".join(cell.source for cell in nbformat.read(NOTEBOOK, as_version=4).cells)
+    assert "OWNER/captune" not in source and "--output" in source
+    import tomllib
+
+    extras = tomllib.loads((NOTEBOOK.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("jupyterlab") for dep in extras["notebook"])

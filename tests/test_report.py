@@ -314,7 +314,7 @@ def test_model_cards_have_hub_front_matter(run):
         text = (run / folder / "README.md").read_text(encoding="utf-8")
         assert text.startswith("---\n")
         front = yaml.safe_load(text.split("---\n")[1])
-        assert front["library_name"] == "transformers" and front["pipeline_tag"] == "image-to-text"
+        assert front["library_name"] == "transformers" and front["pipeline_tag"] == "image-text-to-text"
         assert "base_model" not in front  # `tiny` is no Hub id; the Hub would reject it
         assert {"bleu", "meteor", "rouge", "cider"} <= set(front["metrics"]) and "captune" in front["tags"]
         for heading in ("## Base model", "## Data", "## Hyperparameters", "## Validation metrics", "## Usage"):
@@ -348,6 +348,27 @@ def test_model_card_usage_snippet_runs_with_plain_transformers(run):
     options = GenerationOptions(prompt=PROMPT, **settings["generation"])
     expected = caption_images(model.eval(), processor, [Image.open(image)], options)[0]
     assert printed.getvalue().strip() == expected
+
+
+def test_model_card_pipeline_snippet_runs_with_transformers_5(run):
+    """The card's pipeline_tag names a task transformers 5 has, and its pipeline snippet, run as written, prints what
+    captune's own decoding of best/ prints (prompt removed)."""
+    text = (run / "best" / "README.md").read_text(encoding="utf-8")
+    tag = yaml.safe_load(text.split("---\n")[1])["pipeline_tag"]
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    assert tag in SUPPORTED_TASKS
+    snippet = text.split("```python\n")[2].split("```")[0]
+    assert f'pipeline("{tag}"' in snippet and "text='a picture of'" in snippet
+    image = sorted((run.parent / "data" / "validation").glob("*.png"))[1]
+    snippet = snippet.replace('"path/to/this/directory"', repr(str(run / "best"))).replace('"photo.jpg"', repr(str(image)))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})
+    settings = json.loads((run / "best" / "captune.json").read_text())
+    model, processor = load_model_and_processor(str(run / "best"))
+    options = GenerationOptions(prompt=PROMPT, **settings["generation"])
+    assert printed.getvalue().strip() == caption_images(model.eval(), processor, [Image.open(image)], options)[0]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "

@@ -118,9 +118,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(data_dir, reference
     assert main(train_args(data_dir, run) + ["--resume"]) == 0
     assert loaded == [resume_from]
     assert_same_run(run, reference)
-    # keep_last=3 of the checkpoints at steps 2, 4 (epoch end), 6; none half-written left behind.
-    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000004", "step-00000006"]
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    # The resumed run finished cleanly: its resumable state is gone (train.keep_checkpoints is off).
+    assert not (run / "checkpoints").exists() and checkpoint_dirs(run) == []
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, reference, tmp_path, monkeypatch):

@@ -54,30 +54,111 @@ INT8_HELP = ("CPU only: dynamic int8 quantization of the Linear layers (about 2x
              "captions can differ slightly from fp32 ones (see docs/serving.md)")
 
 
+def _global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-q/-v on the top parser and again on every subcommand, so `captune caption ... -q` works as documented.
+
+    On subcommands the default is SUPPRESS: a flag not repeated there leaves the top-level value alone.
+    """
+    default = {} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_argument_group("global options (anywhere on the line)") if not top else parser
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr", **default)
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug messages, and transformers' own warnings", **default)
+
+
+def _trainer_alias(*names: str) -> list[str]:
+    """Hugging Face Trainer's spellings of a flag, with dashes and with underscores (HfArgumentParser takes both)."""
+    return list(dict.fromkeys(f"--{spelling}" for name in names for spelling in (name, name.replace("-", "_"))))
+
+
+TRAIN_FLAGS = {
+    "data": ("data", "path"), "model": ("model", "name"), "output": ("output",),
+    "epochs": ("train", "epochs"), "max_steps": ("train", "max_steps"), "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"), "lr": ("train", "lr"), "weight_decay": ("train", "weight_decay"),
+    "warmup_ratio": ("train", "warmup_ratio"), "val_split": ("data", "val_split"), "prompt": ("data", "prompt"),
+    "mixed_precision": ("train", "mixed_precision"), "seed": ("train", "seed"), "num_workers": ("data", "num_workers"),
+    "eval_every": ("train", "eval_every_steps"), "eval_every_epochs": ("train", "eval_every_epochs"),
+    "log_every": ("train", "log_every_steps"),
+    "data_format": ("data", "format"), "image_root": ("data", "image_root"), "image_column": ("data", "image_column"),
+    "caption_column": ("data", "caption_column"), "train_split": ("data", "train_split"),
+    "eval_split": ("data", "eval_split"), "on_bad_sample": ("data", "on_bad_sample"),
+    "caption_sampling": ("data", "caption_sampling"), "mode": ("train", "mode"),
+    "save_every": ("train", "save_every_steps"), "keep_last": ("train", "keep_last"),
+    "keep_checkpoints": ("train", "keep_checkpoints"), "report_to": ("train", "report_to"),
+    "compile": ("train", "compile"), "objective": ("train", "objective"), "scst_samples": ("train", "scst_samples"),
+    "scst_baseline": ("train", "scst_baseline"), "repetition_penalty": ("eval", "repetition_penalty"),
+    "no_repeat_ngram_size": ("eval", "no_repeat_ngram_size"), "length_penalty": ("eval", "length_penalty"),
+}
+"""`captune train` flag (argparse dest) -> the config key it sets; `--help` shows each key's default from here."""
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: X, KEY)" to every train flag's help, X read from the config dataclasses themselves."""
+    from .config import Config, to_dict
+    from .model import DEFAULT_MODEL
+    from .models import family_defaults
+
+    defaults = to_dict(Config())
+    by_family = family_defaults(DEFAULT_MODEL)  # keys left unset (None) in the config take the model family's value
+    for action in parser._actions:
+        path = TRAIN_FLAGS.get(action.dest)
+        if path is None or (action.help and "(default: " in action.help):
+            continue
+        key = ".".join(path)
+        value = defaults
+        for part in path:
+            value = value[part]
+        if value is None and key in by_family:
+            shown = f"{by_family[key]} for {DEFAULT_MODEL}, set by the model family"
+        else:
+            shown = value if value not in ("", None) else "none"
+        note = f"(default: {shown}; config key {key})"
+        action.help = f"{action.help} {note}" if action.help else note
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="captune", description="Fine-tune, evaluate and run BLIP image captioners on your own images."
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    _global_flags(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"captune {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = commands.add_parser("train", help="fine-tune a BLIP model on an image folder",
-                                description="Fine-tune a BLIP model; writes config.yaml, metrics.jsonl, best/ and last/ in --output.")
+                                description="Fine-tune a BLIP model; writes config.yaml, metrics.jsonl, best/ and "
+                                "last/ in --output. Hugging Face Trainer's flag names (--learning-rate, "
+                                "--num-train-epochs, --per-device-train-batch-size, ..., with - or _) are accepted "
+                                "as aliases.")
     train.add_argument("--data", help="image folder with metadata.jsonl/metadata.csv (or train/ + validation/)")
-    train.add_argument("--model", help="hub id, local model directory, or 'tiny' (default Salesforce/blip-image-captioning-base)")
-    train.add_argument("--output", help="run directory (default runs/captune)")
+    train.add_argument("--model", help="hub id, local model directory, or 'tiny'")
+    train.add_argument(*_trainer_alias("output", "output-dir"), dest="output", help="run directory")
     train.add_argument("--config", help="YAML recipe (see configs/); flags and --set override it")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int, help="stop after N optimizer steps")
-    train.add_argument("--batch-size", type=_batch_size, help="pairs per process per step, or 'auto' (GPU: the largest that fits)")
-    train.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument(*_trainer_alias("epochs", "num-train-epochs"), dest="epochs", type=int,
+                       help="passes over the training pairs")
+    train.add_argument(*_trainer_alias("max-steps"), dest="max_steps", type=int,
+                       help="stop after N optimizer steps (0 = run all epochs)")
+    train.add_argument(*_trainer_alias("batch-size", "per-device-train-batch-size"), dest="batch_size",
+                       type=_batch_size, help="pairs per process per step, or 'auto' (GPU: the largest that fits)")
+    train.add_argument(*_trainer_alias("grad-accum", "gradient-accumulation-steps"), dest="grad_accum", type=int,
+                       help="micro-batches per optimizer step")
+    train.add_argument(*_trainer_alias("lr", "learning-rate"), dest="lr", type=float, help="peak learning rate")
+    train.add_argument(*_trainer_alias("weight-decay"), dest="weight_decay", type=float,
+                       help="AdamW weight decay (not on biases and norm weights)")
+    train.add_argument(*_trainer_alias("warmup-ratio"), dest="warmup_ratio", type=float,
+                       help="fraction of the steps warming the learning rate up from 0")
     train.add_argument("--val-split", type=float, help="hold out this fraction of images when the data has no validation/ folder")
     train.add_argument("--prompt", help="caption prefix masked out of the loss (the COCO recipe uses 'a picture of ')")
     train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
-    train.add_argument("--seed", type=int)
+    train.add_argument(*_trainer_alias("seed"), dest="seed", type=int, help="seeds model init (tiny), data order, dropout")
     train.add_argument("--num-workers", type=int, help="DataLoader workers")
-    train.add_argument("--eval-every", type=int, help="also validate every N optimizer steps")
+    train.add_argument(*_trainer_alias("eval-every", "eval-steps"), dest="eval_every", type=int,
+                       help="validate every N optimizer steps instead of at epoch ends (0 = at epoch ends)")
+    train.add_argument("--eval-every-epochs", type=int,
+                       help="validate at every Nth epoch end (the run always ends with a validation)")
+    train.add_argument(*_trainer_alias("log-every", "logging-steps"), dest="log_every", type=int,
+                       help="write a training line to metrics.jsonl every N steps (the first and last always)")
     _data_flags(train)
     train.add_argument("--on-bad-sample", choices=["skip", "error"],
                        help="corrupt image, missing file, empty caption: skip it (counted in summary.json, the "
@@ -89,10 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what trains (default: the model family's; full, BLIP-2 frozen-lm)")
     train.add_argument("--compile", action="store_true", default=None,
                        help="torch.compile the training forward (dynamic shapes; minutes to compile, then faster)")
-    train.add_argument("--save-every", type=int, help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
-    train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints (default 2)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --output from its newest checkpoint (its config.yaml unless --config is given)")
+    train.add_argument(*_trainer_alias("save-every", "save-steps"), dest="save_every", type=int,
+                       help="write a resumable checkpoint every N optimizer steps (and at each epoch end)")
+    train.add_argument("--keep-last", type=int, help="keep the newest K checkpoints in RUN/checkpoints while training")
+    train.add_argument("--keep-checkpoints", action="store_true", default=None,
+                       help="keep RUN/checkpoints after a clean finish (removed by default: best/ and last/ hold "
+                       "the models)")
+    train.add_argument(*_trainer_alias("resume", "resume-from-checkpoint"), dest="resume", nargs="?", const=True,
+                       default=False, metavar="RUN_OR_CHECKPOINT",
+                       help="continue a run from its newest checkpoint: the --output run, or the run directory (or "
+                       "its newest checkpoint) given here; its config.yaml unless --config is given")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, the data counts and the trainable parameters, then exit "
+                       "without writing anything")
+    train.add_argument("--push-to-hub", metavar="REPO",
+                       help="after training, upload best/ (model card included) to this Hugging Face Hub repo "
+                       "(owner/name); checked before training starts")
+    train.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
     train.add_argument("--overwrite", action="store_true",
                        help="start afresh in an --output that already holds a run (its checkpoints, best/ and last/ "
                        "are replaced); without it, or --resume, such a directory is refused")
@@ -190,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", metavar="RUN", help="run directory (its best/ is exported) or model directory")
     export.add_argument("--output", required=True, help="directory to write (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export (a model directory) at --output")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload it to this Hugging Face Hub repo (owner/name)")
+    export.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
 
     demo = commands.add_parser("demo", help="fine-tune the tiny model on the embedded synthetic shapes (offline, CPU)",
                                description="Makes the synthetic dataset, captions held-out images, fine-tunes the tiny "
@@ -198,13 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, help="override the demo's epochs")
     demo.add_argument("--model", default="tiny", help="the tiny preset to fine-tune (default tiny, BLIP; e.g. "
                       "tiny-florence2)")
+    _show_config_defaults(train)
+    for sub in commands.choices.values():
+        _global_flags(sub, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.quiet)
+    _setup_logging(args.quiet, args.verbose)
     try:
         if args.command == "train":
             return cmd_train(args)
@@ -238,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _setup_logging(quiet: bool) -> None:
+def _setup_logging(quiet: bool, verbose: bool = False) -> None:
     logger = logging.getLogger("captune")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -247,8 +346,12 @@ def _setup_logging(quiet: bool) -> None:
         logger.propagate = False
     # Point at the current stderr on every call: main() may run many times in one process (tests, notebooks).
     logger.handlers[0].stream = sys.stderr
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     import transformers
+
+    if verbose:
+        transformers.logging.set_verbosity_warning()
+        return
 
     # transformers' own warnings (e.g. generation config notes) drown ours; errors still show. Its per-load
     # "Loading weights" / "Writing model shards" bars are noise next to ours (Hub download bars are kept).
@@ -258,26 +361,9 @@ def _setup_logging(quiet: bool) -> None:
 
 def train_overrides(args) -> dict:
     """Map explicit train flags onto the config tree (None = not given, leave the recipe's value)."""
-    flags = {
-        ("data", "path"): args.data, ("model", "name"): args.model, ("output",): args.output,
-        ("train", "epochs"): args.epochs, ("train", "max_steps"): args.max_steps,
-        ("train", "batch_size"): args.batch_size, ("train", "grad_accum"): args.grad_accum, ("train", "lr"): args.lr,
-        ("data", "val_split"): args.val_split, ("data", "prompt"): args.prompt,
-        ("train", "mixed_precision"): args.mixed_precision, ("train", "seed"): args.seed,
-        ("data", "num_workers"): args.num_workers, ("train", "eval_every_steps"): args.eval_every,
-        ("data", "format"): args.data_format, ("data", "image_root"): args.image_root,
-        ("data", "image_column"): args.image_column, ("data", "caption_column"): args.caption_column,
-        ("data", "train_split"): args.train_split, ("data", "eval_split"): args.eval_split,
-        ("data", "on_bad_sample"): args.on_bad_sample, ("data", "caption_sampling"): args.caption_sampling,
-        ("train", "mode"): args.mode, ("train", "save_every_steps"): args.save_every,
-        ("train", "keep_last"): args.keep_last, ("train", "report_to"): args.report_to,
-        ("train", "compile"): args.compile, ("train", "objective"): args.objective,
-        ("train", "scst_samples"): args.scst_samples, ("train", "scst_baseline"): args.scst_baseline,
-        ("eval", "repetition_penalty"): args.repetition_penalty,
-        ("eval", "no_repeat_ngram_size"): args.no_repeat_ngram_size, ("eval", "length_penalty"): args.length_penalty,
-    }
     values: dict = {}
-    for path, value in flags.items():
+    for dest, path in TRAIN_FLAGS.items():
+        value = getattr(args, dest, None)
         if value is None:
             continue
         node = values
@@ -287,29 +373,101 @@ def train_overrides(args) -> dict:
     return values
 
 
+def resume_target(resume, output: str | None) -> str | None:
+    """The run directory `--resume [RUN_OR_CHECKPOINT]` continues (None: --resume not given).
+
+    Raises:
+        CaptuneError: no run named, a run that contradicts --output, or a checkpoint that is not the newest.
+    """
+    from .checkpoint import latest_checkpoint
+
+    if resume is False:
+        return None
+    if resume is True:
+        if not output:
+            raise CaptuneError("--resume needs --output RUN (the run directory to continue)")
+        return output
+    given = Path(resume)
+    run = given
+    if given.parent.name == "checkpoints":  # Trainer users pass RUN/checkpoints/step-N
+        run = given.parent.parent
+        newest = latest_checkpoint(run)
+        if newest is None or newest.resolve() != given.resolve():
+            raise CaptuneError(f"--resume {resume}: captune continues from a run's newest checkpoint "
+                               f"({newest or 'none found'}); pass the run directory {run}")
+    if output and Path(output).resolve() != run.resolve():
+        raise CaptuneError(f"--resume {resume} continues the run in {run}, but --output says {output}: drop one")
+    return str(run)
+
+
 def cmd_train(args) -> int:
     from .config import apply_override, from_dict, load_config, to_dict
     from .train import train
 
     recipe = args.config
-    if args.resume and recipe is None:
-        if not args.output:
-            raise CaptuneError("--resume needs --output RUN (the run directory to continue)")
-        saved = Path(args.output) / "config.yaml"
-        recipe = saved if saved.is_file() else None  # a run killed before it wrote anything: flags alone
-    cfg = load_config(recipe, train_overrides(args))
+    run = resume_target(args.resume, args.output)
+    overrides = train_overrides(args)
+    if run is not None:
+        overrides["output"] = run
+        if recipe is None:
+            saved = Path(run) / "config.yaml"
+            recipe = saved if saved.is_file() else None  # a run killed before it wrote anything: flags alone
+    cfg = load_config(recipe, overrides)
     values = to_dict(cfg)
     for assignment in args.set:
         apply_override(values, assignment)
     cfg = from_dict(values)
     if not cfg.data.path:
         raise CaptuneError("no data: pass --data DIR (an image folder with metadata.jsonl) or set data.path in --config")
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if args.push_to_hub:
+        from .hub import check_hub
+
+        check_hub(args.push_to_hub)  # offline or logged out: one line now, not after hours of training
+    if args.dry_run:
+        return dry_run(cfg)
+    result = train(cfg, resume=run is not None, overwrite=args.overwrite)
     if result.interrupted:
         # A requested stop (SIGINT/SIGTERM, e.g. a preempted job) that saved its checkpoint is a clean exit.
         return 0
-    log.info("done: %d steps; best %s %s at step %s; models in %s/best and %s/last", result.steps,
-             cfg.train.best_metric, _fmt(result.best_score), result.best_step, result.output, result.output)
+    kept = (f"checkpoints kept in {result.output}/checkpoints (--keep-checkpoints)" if result.checkpoints_kept
+            else "resumable checkpoints removed (finished cleanly; --keep-checkpoints keeps them)")
+    log.info("done: %d steps; best %s %s at step %s; models in %s/best and %s/last; %s", result.steps,
+             cfg.train.best_metric, _fmt(result.best_score), result.best_step, result.output, result.output, kept)
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(Path(result.output) / "best", args.push_to_hub, private=args.hub_private,
+                          message=f"captune: best/ of {result.output} (step {result.best_step})")
+        log.info("pushed %s/best to %s", result.output, url)
+    return 0
+
+
+def dry_run(cfg) -> int:
+    """Print what `train(cfg)` would do (resolved config, data counts, trainable parameters); write nothing."""
+    import yaml
+
+    from .config import to_dict
+    from .data import build_dataset, count_captions
+    from .finetune import freeze_summary
+    from .model import count_parameters
+    from .train import trainable_model
+
+    print("# resolved configuration (captune train --config accepts this)")
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip())
+    data = build_dataset(
+        cfg.data.path, cfg.data.val_split, cfg.train.seed, data_format=cfg.data.format, image_root=cfg.data.image_root,
+        image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
+        train_split=cfg.data.train_split, eval_split=cfg.data.eval_split, strict=False,
+    )
+    validation = data.validation[: cfg.data.max_val_images or None]
+    print(f"\n# data ({data.format}): {len(data.train)} training images, {count_captions(data.train)} captions; "
+          f"{len(validation)} validation images, {sum(len(s.captions) for s in validation)} captions; "
+          f"{len(data.problems)} unusable row(s) skipped")
+    model, _ = trainable_model(cfg)
+    trainable, total = count_parameters(model)
+    print(f"# model {cfg.model.name} (mode {cfg.train.mode}): {trainable:,} of {total:,} parameters trainable; "
+          f"{freeze_summary(model)}")
+    print(f"# dry run: nothing written ({cfg.output} untouched)")
     return 0
 
 
@@ -335,7 +493,11 @@ def generation_options(args, model_dir_settings: dict):
 
 def resolve_model(name: str) -> str:
     """A run directory stands for its best/ model; anything else (model dir, adapter dir, hub id, tiny) as given."""
+    from .checkpoint import restore_interrupted_swap
+
     path = Path(name).expanduser()
+    if path.is_dir():
+        restore_interrupted_swap(path / "best")  # a run killed mid-swap left its previous best/ aside
     if path.is_dir() and (path / "best").is_dir() and not any(
         (path / marker).is_file() for marker in ("config.json", "adapter_config.json")
     ):
@@ -437,6 +599,7 @@ def cmd_check(args) -> int:
         train_split=args.train_split or "train", eval_split=args.eval_split or "",
         max_caption_tokens=args.max_caption_tokens or family_defaults(args.model)["data.max_caption_tokens"],
         prompt=args.prompt, max_image_pixels=args.max_image_pixels or DEFAULT_MAX_PIXELS, model=args.model,
+        progress=not args.quiet,
     )
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 1 if report["errors"] else 0
@@ -479,10 +642,24 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import shutil
+
     from .checkpoint import export_merged
 
+    if args.push_to_hub:
+        from .hub import check_hub
+
+        check_hub(args.push_to_hub)
     output = export_merged(args.run, args.output, overwrite=args.overwrite)
+    source = Path(args.run) / "best" if (Path(args.run) / "best").is_dir() else Path(args.run)
+    if (source / "README.md").is_file() and not (output / "README.md").exists():
+        shutil.copy(source / "README.md", output / "README.md")  # the model card goes along
     log.info("wrote %s (loads with transformers' from_pretrained, no captune or peft needed)", output)
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        url = push_folder(output, args.push_to_hub, private=args.hub_private, message=f"captune export of {args.run}")
+        log.info("pushed %s to %s", output, url)
     return 0
 
 

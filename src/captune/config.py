@@ -114,7 +114,9 @@ class TrainConfig:
     seed: int = 42
     """Seeds model init (tiny), data order and dropout."""
     eval_every_steps: int = 0
-    """Also validate every N optimizer steps (0 = only at epoch ends)."""
+    """Validate every N optimizer steps instead of at epoch ends (0 = at epoch ends, see eval_every_epochs)."""
+    eval_every_epochs: int = 1
+    """Without eval_every_steps: validate at the end of every Nth epoch (the run always ends with a validation)."""
     log_every_steps: int = 10
     """Write a training line to metrics.jsonl every N optimizer steps."""
     best_metric: str = "cider"
@@ -138,8 +140,11 @@ class TrainConfig:
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     save_every_steps: int = 0
     """Write a resumable checkpoint to RUN/checkpoints/ every N optimizer steps (0 = only at epoch ends)."""
-    keep_last: int = 2
-    """Keep this many newest checkpoints in RUN/checkpoints/ (older ones are deleted)."""
+    keep_last: int = 1
+    """Keep this many newest checkpoints in RUN/checkpoints/ while the run goes (older ones are deleted)."""
+    keep_checkpoints: bool = False
+    """Keep RUN/checkpoints/ after the run finishes cleanly (by default it is removed: best/ and last/ hold the
+    models, and a finished run has nothing to resume). An interrupted or failed run always keeps it."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: stop the run (checkpoints on disk stay good) or skip that optimizer step."""
     early_stopping_patience: int = 0
@@ -170,7 +175,7 @@ class TrainConfig:
             raise ValueError("train.epochs or train.max_steps must be >= 1")
         if self.batch_size not in ("auto", None) and self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1 or auto, got {self.batch_size}")
-        for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last"):
+        for name in ("grad_accum", "log_every_steps", "lora_rank", "lora_alpha", "keep_last", "eval_every_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):  # `nan <= 0` is False

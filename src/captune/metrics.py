@@ -139,7 +139,7 @@ def score(predictions: dict[str, str], references: dict[str, list[str]], *, use_
         try:
             gts, res = _ptb_tokenize(predictions, references, ids)
             tokenizer = "ptb"
-        except OSError as err:  # e.g. pycocoevalcap installed read-only: PTBTokenizer writes its temp file there
+        except OSError as err:  # e.g. no writable temporary directory for the captions file java reads
             logger.warning("PTB tokenizer failed (%s): scoring with captune's simple tokeniser instead", err)
     if tokenizer == "simple":
         gts = {i: [simple_tokenize(r) for r in references[i]] for i in ids}
@@ -257,15 +257,44 @@ def _check_inputs(predictions: dict, references: dict) -> None:
 
 def _ptb_tokenize(predictions: dict, references: dict, ids: list) -> tuple[dict, dict]:
     """Run PTBTokenizer once (one JVM start) over references and predictions together."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     captions = {("ref", i): [{"caption": _LINE_BREAKS.sub(" ", r)} for r in references[i]] for i in ids}
     captions.update({("pred", i): [{"caption": _LINE_BREAKS.sub(" ", predictions[i])}] for i in ids})
-    out = PTBTokenizer().tokenize(captions)
+    out = _run_ptb_tokenizer(captions)
     # PTBTokenizer zips ids with output lines, so a short output (java crashed) would silently drop images.
     if any(len(out.get(key, ())) != len(value) for key, value in captions.items()):
         raise RuntimeError("PTBTokenizer returned fewer lines than captions; is `java` working?")
     return {i: out[("ref", i)] for i in ids}, {i: out[("pred", i)] for i in ids}
+
+
+def _run_ptb_tokenizer(captions: dict) -> dict:
+    """pycocoevalcap's `PTBTokenizer.tokenize`, same command and output, with Java's stderr captured.
+
+    Its own version lets Java print "PTBTokenizer tokenized N tokens at ... tokens per second" at every validation
+    (noise that looks like news) and writes its temporary file inside the installed package. Here the input goes
+    through a temporary directory, the chatter is dropped, and a failing Java's message becomes the error.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    keys = [k for k, v in captions.items() for _ in range(len(v))]
+    sentences = "\n".join(c["caption"].replace("\n", " ") for v in captions.values() for c in v)
+    with tempfile.TemporaryDirectory(prefix="captune-ptb-") as folder:
+        source = os.path.join(folder, "captions.txt")
+        with open(source, "w", encoding="utf-8") as handle:
+            handle.write(sentences)
+        done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", source], capture_output=True)
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"PTBTokenizer (java) failed: {detail[-1] if detail else f'exit {done.returncode}'}")
+    out: dict = {}
+    for key, line in zip(keys, done.stdout.decode().split("\n")):
+        out.setdefault(key, []).append(" ".join(w for w in line.rstrip().split(" ") if w not in ptbtokenizer.PUNCTUATIONS))
+    return out
 
 
 def _meteor_score(gts: dict, res: dict) -> float:

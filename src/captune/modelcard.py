@@ -58,7 +58,9 @@ def model_card(
         The README.md text.
     """
     family = family or family_for(base_model)
-    front = {"library_name": "transformers", "pipeline_tag": "image-to-text"}
+    # transformers 5 removed the `image-to-text` pipeline (it now builds `image-text-to-text`, which needs a text
+    # input): the tag names the task transformers 5 has.
+    front = {"library_name": "transformers", "pipeline_tag": "image-text-to-text"}
     hub_id = hub_base_model(base_model)
     if hub_id:
         front["base_model"] = hub_id
@@ -96,6 +98,9 @@ def model_card(
         lines.append("No validation data was given, so no metrics were computed.")
     lines += ["", "## Usage", "", "With plain transformers (no captune needed):", "", family.usage_snippet(prompt, snippet_options(generation)),
               ""]
+    if family.NAME == "blip":  # the pipeline path is tested for BLIP only (tests/test_report.py runs it)
+        lines += ["Or through the pipeline (transformers 5: the `image-text-to-text` task, which needs `text`; "
+                  "`text=\"\"` for no prompt):", "", pipeline_snippet(prompt, snippet_options(generation)), ""]
     return "\n".join(lines)
 
 
@@ -109,3 +114,16 @@ def snippet_options(generation: dict) -> dict:
     idle = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "length_penalty": 1.0}
     return {k: v for k, v in generation.items() if idle.get(k, object()) != v
             and not (k == "length_penalty" and generation.get("num_beams", 1) == 1)}
+
+
+def pipeline_snippet(prompt: str, generation: dict) -> str:
+    """BLIP's captions through `transformers.pipeline` (MODEL as in the family's usage snippet)."""
+    kwargs = ", ".join(f"{k}={_value(v)}" for k, v in generation.items())
+    return f"""```python
+from transformers import pipeline
+
+MODEL = "path/to/this/directory"  # or the Hub repo id you uploaded it to
+captioner = pipeline("image-text-to-text", model=MODEL)
+result = captioner("photo.jpg", text={prompt.strip()!r}, return_full_text=False, generate_kwargs=dict({kwargs}))
+print(result[0]["generated_text"].strip())
+```"""

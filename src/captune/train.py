@@ -8,6 +8,8 @@ import json
 import logging
 import math
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from .checkpoint import (
+    CHECKPOINTS,
     StopRequests, checkpoint_dirs, clear_run_state, existing_run, keep_best_for_resume, latest_checkpoint,
     load_checkpoint, remove_partial_checkpoints, restore_best, save_checkpoint, save_model,
 )
@@ -60,6 +63,8 @@ class TrainResult:
     """Validation metrics of the last evaluation (empty without validation data)."""
     interrupted: str | None = None
     """The signal (SIGINT, SIGTERM) that stopped the run after a checkpoint; None when it ran to the end."""
+    checkpoints_kept: bool = True
+    """Whether RUN/checkpoints/ is still there (a clean finish removes it unless train.keep_checkpoints)."""
 
 
 def resolve_mixed_precision(mode: str) -> str:
@@ -304,6 +309,36 @@ def validation_pairs(cfg: Config, validation: list, processor, collator, acceler
     return accelerator.prepare_data_loader(loader, device_placement=True)
 
 
+class _TiedWeightsNote(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor {...} while saving" warning when every name it lists is a weight
+    the model ties on purpose (BLIP's LM head is its word embeddings): expected and harmless at every checkpoint.
+    Any other shared tensor is news and still shown."""
+
+    def __init__(self, tied: set[str]):
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.match(r".*Removed shared tensor \{(.*)\} while saving", record.getMessage())
+        if not found:
+            return True
+        names = {name.strip().strip("'\"") for name in found.group(1).split(",")}
+        return not all(any(name.endswith(key) for key in self.tied) for name in names)
+
+
+@contextlib.contextmanager
+def quiet_tied_weights_note(model):
+    """While saving: silence Accelerate's warning about the model's own tied weights (see _TiedWeightsNote)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
+    note = _TiedWeightsNote(tied)
+    target = logging.getLogger("accelerate.utils.other")
+    target.addFilter(note)
+    try:
+        yield
+    finally:
+        target.removeFilter(note)
+
+
 def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) -> None:
     for item in items:
         if on_bad_sample == "error":
@@ -425,6 +460,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                 "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
     final_metrics: dict = {}
     validation_seconds = 0.0  # kept out of the training throughput
+    checkpointed_step = None
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
                    "validation_captions": sum(len(s.captions) for s in validation)}
@@ -472,8 +508,11 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         validation_seconds += time.perf_counter() - validation_started
 
     def checkpoint_now() -> None:
-        save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
-                        scheduler=scheduler)
+        nonlocal checkpointed_step
+        checkpointed_step = step
+        with quiet_tied_weights_note(accelerator.unwrap_model(model)):
+            save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
+                            scheduler=scheduler)
 
     def patience_spent() -> bool:
         return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
@@ -564,7 +603,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                         break
                 else:
                     state.update(epoch=epoch + 1, batch=0)
-                    if state["epoch"] < epochs:
+                    # Validation at epoch ends unless it runs every N steps; every Nth epoch with eval_every_epochs.
+                    if state["epoch"] < epochs and not t.eval_every_steps and state["epoch"] % t.eval_every_epochs == 0:
                         validate(epoch)
                     checkpoint_now()
         except BaseException:
@@ -588,6 +628,8 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
         metrics_log.write(**last_train)
     validate(state["epoch"], final=True)
+    if t.keep_checkpoints and checkpointed_step != step:
+        checkpoint_now()  # kept checkpoints end at the last step, so --resume with more epochs goes on from there
     metrics_log.close()
     skipped = state["skipped"]
     skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
@@ -613,10 +655,13 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                                              "final_metrics": final_metrics, "skipped_samples": skipped,
                                              "data": data_counts, "run": run_facts})
         write_report(output)
+        if not t.keep_checkpoints:
+            # A clean finish leaves nothing to resume: best/ and last/ hold the models, the checkpoints only weight.
+            shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
-                       final_metrics=final_metrics)
+                       final_metrics=final_metrics, checkpoints_kept=t.keep_checkpoints)
 
 
 def _restore_newest_intact(accelerator, output: Path) -> tuple[Path, dict]:

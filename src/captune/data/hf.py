@@ -82,11 +82,18 @@ def read_hf(path: str, *, image_column: str = "", caption_column: str = "", trai
                            "data.eval_split")
     held = eval_split or next((n for n in VALIDATION_DIRS if n in splits), "")
     base = Path(path).expanduser() if Path(path).expanduser().exists() else None
-    result = {"train": _read_split(splits[train_split], f"{path}[{train_split}]", image_column, caption_column,
-                                   base, problems)}
-    result["validation"] = (_read_split(splits[held], f"{path}[{held}]", image_column, caption_column, base, problems)
-                            if held else [])
-    return result
+
+    def read(split: str) -> list[CaptionSample]:
+        try:
+            return _read_split(splits[split], f"{path}[{split}]", image_column, caption_column, base, problems)
+        except CaptuneError as exc:
+            if problems is None:
+                raise
+            # A split without its columns (or rows) is one listed problem: `check` goes on to the other split.
+            problems.append(Problem(f"{path}[{split}]", str(exc).removeprefix(f"{path}[{split}]: ")))
+            return []
+
+    return {"train": read(train_split), "validation": read(held) if held else []}
 
 
 def _read_split(table, name: str, image_column: str, caption_column: str, base, problems) -> list[CaptionSample]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..errors import CaptuneError
 from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, label, open_image, to_rgb
@@ -18,11 +19,12 @@ from .records import DEFAULT_MAX_PIXELS, CaptionSample, Problem, image_bytes, la
 def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "", image_column: str = "",
                   caption_column: str = "", train_split: str = "train", eval_split: str = "",
                   max_caption_tokens: int = 40, prompt: str = "", max_image_pixels: int = DEFAULT_MAX_PIXELS,
-                  model: str = "tiny") -> dict:
+                  model: str = "tiny", progress: bool = False) -> dict:
     """Check a dataset; returns a JSON-ready report (see `format_report`). `report["errors"]` > 0 means unusable
     samples (or a dataset that cannot be read at all, reported as one problem). Caption lengths are counted as
     `model`'s family builds its training rows (`captune.models.caption_counter`); `truncated` is how many
-    captions exceed `max_caption_tokens` and would lose their end in training."""
+    captions exceed `max_caption_tokens` and would lose their end in training. `progress` draws a bar per split on
+    stderr."""
     from ..models import caption_counter
 
     from . import build_dataset, wds
@@ -48,7 +50,9 @@ def check_dataset(path: str, *, data_format: str = "auto", image_root: str = "",
         if not isinstance(samples, list):  # streamed shards: read them through, as training will
             samples = _shard_samples(wds.iter_samples(samples.paths), problems)
         images = captions = 0
-        for sample in samples:
+        total = len(samples) if isinstance(samples, list) else None
+        for sample in tqdm(samples, total=total, desc=f"checking {split}", unit="img", disable=not progress or total == 0,
+                           leave=False):
             problem = _check_image(sample, max_image_pixels, sizes, modes, hashes, split)
             if problem is not None:
                 problems.append(problem)
