@@ -56,8 +56,9 @@ def text_of(cell) -> str:
 
 
 def assert_pads_are_minus_100(collator_text: str) -> None:
-    """The collator cell prints, per row, its tokens, input_ids and labels: every [PAD] column is labelled -100, and
-    in the batch without a prompt every other column after [DEC] is labelled with its own id.
+    """The collator cell prints, per row, its tokens, input_ids and labels: every [PAD] column is labelled -100 (the
+    cell adds a one-word caption so there is padding), and in the batch without a prompt every other column after
+    [DEC] is labelled with its own id.
 
     Kills "blip: pads not -100 (as the notebook shows it)" (tools/mutants.py): `"-100" in collator_text` alone was
     satisfied by the prompt's masked positions.
@@ -65,14 +66,14 @@ def assert_pads_are_minus_100(collator_text: str) -> None:
     lines = [line.split() for line in collator_text.splitlines()]
     rows = [(lines[i], lines[i + 1][:-2], lines[i + 2][:-2]) for i in range(len(lines) - 2)
             if lines[i + 1][-2:] == ["<-", "input_ids"] and lines[i + 2][-2:] == ["<-", "labels"]]
-    assert len(rows) == 4, collator_text  # two captions, without and with a prompt
+    assert len(rows) == 6, collator_text  # three captions (one of a single word), without and with a prompt
     assert any("[PAD]" in tokens for tokens, _, _ in rows), "the shown batches must contain padding"
     for index, (tokens, ids, labels) in enumerate(rows):
         assert tokens[0] == "[DEC]" and labels[0] == "-100"
         for token, token_id, label in zip(tokens[1:], ids[1:], labels[1:]):
             if token == "[PAD]":
                 assert label == "-100", (tokens, labels)
-            elif index < 2:  # no prompt: every caption token is a target
+            elif index < len(rows) // 2:  # no prompt: every caption token is a target
                 assert label == token_id, (tokens, labels)
 
 
