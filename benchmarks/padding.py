@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORDS, blip_base_config  # noqa: E402
 
 from captune.data.collate import CaptionCollator  # noqa: E402
+from captune.models import blip  # noqa: E402
 from captune.models.blip import blip_tokenizer, tiny_config  # noqa: E402
 from captune.speed import enable_sdpa  # noqa: E402
 from captune.train import caption_loss  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     captions = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(args.min_words, args.max_words)))
                 for _ in range(args.captions)]
-    collator = CaptionCollator(type("P", (), {"tokenizer": blip_tokenizer()})(), max_tokens=40)
+    collator = CaptionCollator(type("P", (), {"tokenizer": blip_tokenizer()})(), max_tokens=40, family=blip)
     lengths = [int(collator.tokenize([c])["attention_mask"].sum()) for c in captions]
 
     with torch.device("meta"):

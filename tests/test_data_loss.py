@@ -52,10 +52,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def finished(train_only, tmp_path_factory) -> Path:
-    """An uninterrupted 5-step run (4 batches an epoch) with checkpoints at steps 2 and 4 (treat as read-only; copy it to damage it)."""
+    """An uninterrupted 5-step run (4 batches an epoch) with checkpoints at steps 2 and 4 (treat as read-only; copy it to
+    damage it). --keep-checkpoints keeps them past the clean finish, which also saves step 5's; that one is removed,
+    so the newest checkpoint is step 4's, as if the run had died before its end."""
     run = tmp_path_factory.mktemp("finished") / "run"
-    assert main(args(train_only, run)) == 0
-    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000004"]
+    assert main(args(train_only, run, "--keep-checkpoints")) == 0
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000004", "step-00000005"]
+    shutil.rmtree(run / "checkpoints" / "step-00000005")
     return run
 
 
@@ -170,9 +173,10 @@ def test_after_resume_best_is_the_restored_best_step(with_validation, tmp_path, 
     scores = iter(range(1, 100))
     monkeypatch.setattr(captune.train, "selection_score", lambda metrics, name: float(next(scores)))
     run = tmp_path / "run"
-    # 4 steps: the last checkpoint is step 2's (none at the final step), as if the run died after step 4's best/.
-    assert main(args(with_validation, run, "--eval-every", "1", "--max-steps", "4")) == 0
-    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002"]
+    # 4 steps, checkpoints at 2 and 4; step 4's is removed, as if the run died after step 4's best/.
+    assert main(args(with_validation, run, "--eval-every", "1", "--max-steps", "4", "--keep-checkpoints")) == 0
+    assert [p.name for p in checkpoint_dirs(run)] == ["step-00000002", "step-00000004"]
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
     assert json.loads((run / "best" / "captune.json").read_text())["step"] == 4
     # Resume to step 2 only, with no further improvement: best/ must describe step 2.
     monkeypatch.setattr(captune.train, "selection_score", lambda metrics, name: 0.0)
