@@ -123,7 +123,7 @@ def tiny_config(name: str, tokenizer) -> Blip2Config:
     specials = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if name == TINY_T5:
         text = T5Config(vocab_size=len(tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2,
-                        num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        num_heads=4, feed_forward_proj="gated-gelu",
                         decoder_start_token_id=tokenizer.pad_token_id, **specials)
     else:
         newline = tokenizer(END_OF_CAPTION, add_special_tokens=False)["input_ids"]
