@@ -38,7 +38,7 @@ def _by_model(path):
 def test_train_step_every_family_smoke(tmp_path):
     """--model for every family: captune's loop and the plain transformers loop both run on the family's tiny
     preset, in the family's default mode, and train exactly the same parameters (a fair comparison)."""
-    families = ["blip2", "blip2-t5", "git", "florence2"]
+    families = ["blip2", "blip2-t5", "git", "florence2", "paligemma"]
     out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--model", *families,
                "--json", tmp_path / "r.json")
     rows = _by_model(tmp_path / "r.json")
@@ -57,7 +57,7 @@ def test_train_step_every_family_smoke(tmp_path):
 def test_train_step_lora_smoke(tmp_path):
     """--mode lora: peft adapters on both sides, on the same modules (equal trainable parameter counts)."""
     _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--mode", "lora", "--model", "blip2",
-         "git", "florence2", "--json", tmp_path / "r.json")
+         "git", "florence2", "paligemma", "--json", tmp_path / "r.json")
     for model, variants in _by_model(tmp_path / "r.json").items():
         assert variants["transformers"]["trainable_params"] == variants["captune"]["trainable_params"] > 0, model
         assert variants["captune"]["mode"] == "lora"

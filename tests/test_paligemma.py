@@ -93,6 +93,11 @@ def test_rows_equal_the_processors_suffix_rows_and_labels_mask_all_but_the_capti
     assert empty["labels"][0, -1] == tokenizer.eos_token_id and pali.target_tokens(empty) == 1
     with pytest.raises(ValueError, match="max_caption_tokens"):
         pali.tokenize(processor, ["a dog"], prompt="", max_tokens=prefix)
+    # What `captune check` counts: the untruncated row's text positions (the placeholders come on top).
+    for prompt in ("", "caption es"):
+        rows = [pali.tokenize(processor, [c], prompt=prompt, max_tokens=1000) for c in captions]
+        assert pali.caption_lengths(pali.preset_tokenizer(PRESET), captions, prompt) == [
+            r["input_ids"].shape[1] - n for r in rows]
 
 
 def test_loss_equals_the_models_own_and_depends_on_the_image_and_the_prefix_block(pali, tiny_pali):
