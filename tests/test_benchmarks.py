@@ -21,12 +21,58 @@ def _run(*args, timeout=240):
 def test_train_step_smoke(tmp_path):
     out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--variants", "notebook", "captune",
                "captune-grouped", "--captions-per-image", "2", "--json", tmp_path / "r.json")
-    assert "| 2 | notebook |" in out and "| 2 | captune |" in out and "x notebook" in out
-    assert "| 2 | captune-grouped |" in out
-    import json
-
+    assert "| blip | full | 2 | notebook |" in out and "| blip | full | 2 | captune |" in out and "x notebook" in out
+    assert "| blip | full | 2 | captune-grouped |" in out
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     assert {r["captions_per_image"] for r in results} == {2}
+
+
+def _by_model(path):
+    rows = {}
+    for r in json.loads(path.read_text())["results"]:
+        rows.setdefault(r["model"], {})[r["variant"]] = r
+    return rows
+
+
+@pytest.mark.slow
+def test_train_step_every_family_smoke(tmp_path):
+    """--model for every family: captune's loop and the plain transformers loop both run on the family's tiny
+    preset, in the family's default mode, and train exactly the same parameters (a fair comparison)."""
+    families = ["blip2", "blip2-t5", "git", "florence2", "paligemma"]
+    out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--model", *families,
+               "--json", tmp_path / "r.json")
+    rows = _by_model(tmp_path / "r.json")
+    assert sorted(rows) == sorted(families)
+    for model, variants in rows.items():
+        assert set(variants) == {"transformers", "captune"}, model
+        plain, ours = variants["transformers"], variants["captune"]
+        assert plain["trainable_params"] == ours["trainable_params"] > 0, model
+        assert plain["mode"] == ours["mode"] == ("frozen-lm" if model.startswith("blip2") else "full")
+        assert f"| {model} | {ours['mode']} | 2 | captune |" in out and "x transformers" in out
+    # BLIP-2's paper mode freezes the language model: far fewer trainable parameters than the whole model.
+    assert rows["blip2"]["captune"]["trainable_params"] < rows["git"]["captune"]["trainable_params"]
+
+
+@pytest.mark.slow
+def test_train_step_lora_smoke(tmp_path):
+    """--mode lora: peft adapters on both sides, on the same modules (equal trainable parameter counts)."""
+    _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--mode", "lora", "--model", "blip2",
+         "git", "florence2", "paligemma", "--json", tmp_path / "r.json")
+    for model, variants in _by_model(tmp_path / "r.json").items():
+        assert variants["transformers"]["trainable_params"] == variants["captune"]["trainable_params"] > 0, model
+        assert variants["captune"]["mode"] == "lora"
+
+
+@pytest.mark.slow
+def test_train_step_scst_smoke(tmp_path):
+    """--objective scst: captune's SCST step against its cross-entropy step at the same batch of images."""
+    out = _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--objective", "scst",
+               "--scst-samples", "3", "--json", tmp_path / "r.json")
+    assert "| blip | full | 2 | captune-scst |" in out and "x captune" in out
+    rows = _by_model(tmp_path / "r.json")["blip"]
+    assert set(rows) == {"captune", "captune-scst"}
+    assert rows["captune-scst"]["scst_samples"] == 3 and rows["captune-scst"]["samples_per_s"] > 0
+    assert rows["captune-scst"]["batch_size"] == rows["captune"]["batch_size"] == 2
 
 
 @pytest.mark.slow
