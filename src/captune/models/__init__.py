@@ -375,8 +375,3 @@ def caption_counter(name: str, prompt: str):
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def counting_tokenizer(name: str = TINY):
-    """The tokenizer `captune check` counts caption tokens with: a preset's, built offline."""
-    return family_module(PRESETS[name]).preset_tokenizer(name)
