@@ -66,6 +66,7 @@ FAMILIES = {
     "blip2-t5": ("Salesforce/blip2-flan-t5-xl", "tiny-blip2-t5"),
     "git": ("microsoft/git-base", "tiny-git"),
     "florence2": ("florence-community/Florence-2-base", "tiny-florence2"),
+    "paligemma": ("google/paligemma-3b-pt-224", "tiny-paligemma"),
 }
 
 
@@ -122,6 +123,8 @@ def build_family(name: str, smoke: bool, seed: int = 0, device: str | torch.devi
 
             model = GitForCausalLM(git_base_config())
             processor = GitProcessor(image_processor=family.image_processor(224), tokenizer=family.git_tokenizer())
+        elif name == "paligemma":
+            model, processor = _paligemma_full_size(family)
         else:
             from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
@@ -132,6 +135,24 @@ def build_family(name: str, smoke: bool, seed: int = 0, device: str | torch.devi
                 image_processor=family.image_processor(768, family.vision_seq_length(config, 768)),
                 tokenizer=tokenizer, post_processor_config=family.POST_PROCESSOR_CONFIG)
     return model, processor, hub_id
+
+
+def _paligemma_full_size(family):
+    """PaliGemma 3B at 224 px (`paligemma.full_size_config`: SigLIP-So400m + Gemma-2B, 256 image tokens) with the
+    preset's offline tokenizer: special-token ids are the tokenizer's, sizes (the 257,152-token vocabulary
+    included) the checkpoint's."""
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    tokenizer = family.tiny_tokenizer()
+    config = family.full_size_config()
+    config.image_token_id = tokenizer.image_token_id
+    text = config.text_config
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                               tokenizer.eos_token_id)
+    model = PaliGemmaForConditionalGeneration(config)
+    seq_length = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=family.image_processor(224, seq_length), tokenizer=tokenizer)
+    return model, processor
 
 
 def _blip2_full_size(name: str, preset: str, family):

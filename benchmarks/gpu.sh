@@ -5,7 +5,8 @@
 #      notebook's recipe for comparison.
 #   2. Every model family's training step against the plain transformers (+ peft) loop measured in the same run
 #      (train_step.py --model ...; bf16 autocast, batch 8, images decoded in the loop): BLIP-base, BLIP-2 OPT-2.7B
-#      (frozen-lm, the paper's mode, and LoRA), BLIP-2 Flan-T5-XL (frozen-lm), GIT-base, Florence-2-base (full).
+#      (frozen-lm, the paper's mode, and LoRA), BLIP-2 Flan-T5-XL (frozen-lm), GIT-base, Florence-2-base, PaliGemma 3B
+#      at 224 px (full).
 #   3. SCST against cross-entropy samples/s at equal batch, BLIP-base (train_step.py --objective scst).
 # Not yet run on a GPU (none was lent to this project so far): its Python commands run in the test suite with --smoke
 # on a CPU, the script is checked with `bash -n`. Each section has a hard time cap (42 minutes together at most; the
@@ -18,7 +19,7 @@
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh --compile   # other flags go to gpu_bench.py
 #
 # The same Python commands on a CPU (no GPU needed): add --smoke for seconds, or see benchmarks/RESULTS.md for the
-# full-size CPU runs that fit (BLIP-base, GIT-base, SCST); BLIP-2 (3.7-3.9 B parameters) is GPU-only.
+# full-size CPU runs that fit (BLIP-base, GIT-base, SCST); BLIP-2 and PaliGemma (2.9-3.9 B parameters) are GPU-only.
 # Needs a Python with CUDA torch (2.x), transformers 5.24 and peft (LoRA rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +35,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --model)
       case "${2:-}" in
-        blip|blip2|blip2-t5|git|florence2) MODELS+=("$2"); shift 2 ;;
-        *) echo "gpu.sh: --model ${2:-(missing)} is not a family; use blip, blip2, blip2-t5, git or florence2" >&2
+        blip|blip2|blip2-t5|git|florence2|paligemma) MODELS+=("$2"); shift 2 ;;
+        *) echo "gpu.sh: --model ${2:-(missing)} is not a family; use blip, blip2, blip2-t5, git, florence2 or" \
+             "paligemma" >&2
            exit 2 ;;
       esac ;;
     --smoke) SMOKE=(--smoke); BENCH_ARGS+=(--smoke); shift ;;
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 ALL_FAMILIES=(${MODELS[@]+"${MODELS[@]}"})
-[ ${#ALL_FAMILIES[@]} -gt 0 ] || ALL_FAMILIES=(blip blip2 blip2-t5 git florence2)
+[ ${#ALL_FAMILIES[@]} -gt 0 ] || ALL_FAMILIES=(blip blip2 blip2-t5 git florence2 paligemma)
 FAILED=()
 
 # section NAME SECONDS COMMAND...: run COMMAND under a hard cap; a failure or a timeout is reported, not fatal.
@@ -82,7 +84,8 @@ if [ ${#SMOKE[@]} -gt 0 ]; then
 else
   for family in "${ALL_FAMILIES[@]}"; do
     # Each variant builds its model in a fresh process on the GPU (BLIP-2: 3.7-3.9 B parameters in fp32 + bf16
-    # autocast; frozen-lm trains the 1.1 B ViT + Q-Former, ~35 GiB with AdamW state).
+    # autocast; frozen-lm trains the 1.1 B ViT + Q-Former, ~35 GiB with AdamW state; PaliGemma 2.9 B trains in
+    # full, ~47 GiB of fp32 weights, gradients and AdamW state).
     section "2. training step vs plain transformers: $family" 300 \
       "$PYTHON" benchmarks/train_step.py --model "$family" "${STEP[@]}" --json "$OUT/train_step_$family.json"
     if [ "$family" = blip2 ]; then

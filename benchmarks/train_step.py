@@ -7,17 +7,19 @@
     python benchmarks/train_step.py --smoke --model blip2 git florence2   # tiny presets, seconds (the tests run this)
 
 --model (one or more): blip (BLIP-base), blip2 (BLIP-2 OPT-2.7B), blip2-t5 (BLIP-2 Flan-T5-XL), git (GIT-base),
-florence2 (Florence-2-base): the full-size architecture built from its config with random weights (the compute is
-the checkpoint's; nothing is downloaded; see common.FAMILIES), or with --smoke the family's tiny preset. --mode is
-what trains (full, frozen-vision, lora, BLIP-2's frozen-lm; default: the family's default for the checkpoint), the
-same for every variant; each row prints its trainable parameter count so the comparison can be checked.
+florence2 (Florence-2-base), paligemma (PaliGemma 3B, 224 px): the full-size architecture built from its config with
+random weights (the compute is the checkpoint's; nothing is downloaded; see common.FAMILIES), or with --smoke the
+family's tiny preset. --mode is what trains (full, frozen-vision, lora, BLIP-2's frozen-lm; default: the family's
+default for the checkpoint), the same for every variant; each row prints its trainable parameter count so the
+comparison can be checked.
 
 Variants (each in its own subprocess, so peak memory is its own; --smoke runs them in-process):
     transformers  the plain transformers (+ peft for --mode lora) fine-tuning loop: a DataLoader whose collate_fn
                   calls the processor on the batch (dynamic padding), `labels` = input_ids with padding -100 (decoder
-                  targets for the encoder-decoders: Florence-2 with its `<CAPTION>` prompt, BLIP-2 Flan-T5), the
-                  model's own loss, `AdamW(model.parameters())`, transformers' default attention; the freezing or
-                  LoRA adapters of --mode written as a user would (`requires_grad_`, `LoraConfig(target_modules=[...])`).
+                  targets for the encoder-decoders: Florence-2 with its `<CAPTION>` prompt, BLIP-2 Flan-T5;
+                  PaliGemma's processor `suffix=` labels after "caption en"), the model's own loss,
+                  `AdamW(model.parameters())`, transformers' default attention; the freezing or LoRA adapters of
+                  --mode written as a user would (`requires_grad_`, `LoraConfig(target_modules=[...])`).
     notebook      (BLIP only) the seed notebook: a Dataset calling `processor(images=..., text=...,
                   padding="max_length")` per sample (512 tokens), `model(input_ids, pixel_values, labels=input_ids)`.
     captune-eager captune's real training path without the speed levers: the family's `tokenize` through
@@ -74,10 +76,13 @@ VARIANTS = ("notebook", "transformers", "captune-eager", "captune", "captune-com
 # How a plain script freezes a family's vision tower, and the LoRA targets it names: the same modules captune's
 # family code picks (each row's trainable parameter count shows it).
 PLAIN_VISION = {"blip": "vision_model", "blip2": "vision_model", "blip2-t5": "vision_model",
-                "git": "git.image_encoder", "florence2": "model.vision_tower"}
+                "git": "git.image_encoder", "florence2": "model.vision_tower", "paligemma": "model.vision_tower"}
 PLAIN_LORA_TARGETS = {"blip": ["query", "value"], "blip2": ["q_proj", "v_proj"], "blip2-t5": ["q", "v"],
-                      "git": ["query", "value"], "florence2": ["q_proj", "v_proj"]}
+                      "git": ["query", "value"], "florence2": ["q_proj", "v_proj"],
+                      # Gemma's attention alone: the bare names would also adapt SigLIP's q/k/v_proj.
+                      "paligemma": r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"}
 FLORENCE_TASK = "<CAPTION>"
+PALIGEMMA_PREFIX = "caption en"
 
 
 class NotebookDataset(Dataset):
@@ -119,6 +124,11 @@ def plain_collate(model_name: str, processor):
 
     def collate(items):
         images, captions = [i for i, _ in items], [c for _, c in items]
+        if model_name == "paligemma":
+            # The prefix with its <image> placeholder, the caption as `suffix`: the processor's own labels, and
+            # token_type_ids the forward needs for its bidirectional prefix (so they are kept, unlike GIT's).
+            text = ["<image>" + PALIGEMMA_PREFIX] * len(images)
+            return dict(processor(images=images, text=text, suffix=captions, padding=True, return_tensors="pt"))
         if model_name in ("florence2", "blip2-t5"):  # encoder-decoders: the caption is the decoder's target
             prompt = FLORENCE_TASK if model_name == "florence2" else ""
             inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")

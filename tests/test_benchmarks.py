@@ -38,7 +38,7 @@ def _by_model(path):
 def test_train_step_lora_smoke(tmp_path):
     """--mode lora: peft adapters on both sides, on the same modules (equal trainable parameter counts)."""
     _run(ROOT / "benchmarks/train_step.py", "--smoke", "--batch-sizes", "2", "--mode", "lora", "--model", "blip2",
-         "git", "florence2", "--json", tmp_path / "r.json")
+         "git", "florence2", "paligemma", "--json", tmp_path / "r.json")
     for model, variants in _by_model(tmp_path / "r.json").items():
         assert variants["transformers"]["trainable_params"] == variants["captune"]["trainable_params"] > 0, model
         assert variants["captune"]["mode"] == "lora"
@@ -71,7 +71,7 @@ def test_gpu_sh_smoke(tmp_path):
     # Every family: captune's loop and the plain transformers loop both ran, in the family's default mode, and
     # trained exactly the same parameters (the comparison is fair).
     rows = _by_model(tmp_path / "train_step_families.json")
-    assert sorted(rows) == ["blip", "blip2", "blip2-t5", "florence2", "git"]
+    assert sorted(rows) == ["blip", "blip2", "blip2-t5", "florence2", "git", "paligemma"]
     for model, variants in rows.items():
         assert {"transformers", "captune"} <= set(variants), model
         plain, ours = variants["transformers"], variants["captune"]
