@@ -53,7 +53,8 @@ def test_preset_is_the_real_class_and_image_seq_length_is_the_vision_output(pali
     features = model.get_image_features(pali.pixel_values(processor, list(_images()))).pooler_output
     assert features.shape[1] == processor.image_seq_length == pali.image_tokens(model) == 64
     full = pali.full_size_config()  # paligemma-3b-pt-224: 224 px / 14-px patches = 256 image tokens
-    assert (full.vision_config.image_size // full.vision_config.patch_size) ** 2 == 256 == full.text_config.num_image_tokens
+    vision = full.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 == 256 == full.text_config.num_image_tokens
 
 
 def test_rows_equal_the_processors_suffix_rows_and_labels_mask_all_but_the_caption(pali, tiny_pali):
@@ -144,7 +145,8 @@ def test_image_seq_length_none_fails_late_in_transformers_and_is_set_on_load(pal
     assert torch.equal(pali.tokenize(reloaded_processor, ["a dog"], prompt="", max_tokens=32)["input_ids"],
                        pali.tokenize(processor, ["a dog"], prompt="", max_tokens=32)["input_ids"])
 
-    config_file = next(f for f in ("processor_config.json", "preprocessor_config.json") if (tmp_path / "ok" / f).is_file())
+    config_file = next(f for f in ("processor_config.json", "preprocessor_config.json")
+                       if (tmp_path / "ok" / f).is_file())
     for name, value in (("unset", None), ("wrong", 256)):
         shutil.copytree(tmp_path / "ok", tmp_path / name)
         config = json.loads((tmp_path / name / config_file).read_text())

@@ -52,21 +52,20 @@ TINY_PATCH = 8
 LORA_TARGET_NAMES = "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
 VISION_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-# PaliGemma 3B (pt-224) fine-tuned on COCO captions: lr 1e-5 is a starting point for a pretrained 3B decoder (the
-# big_vision transfer configs sweep 1e-6..1e-5), not tuned here; "caption en" rows are ~10 prefix tokens plus COCO
-# captions of ~15 Gemma tokens, so 64 text positions hold them. Greedy decoding as big_vision's caption transfers
-# evaluate; min 1 new token forbids an empty caption.
+# big_vision's PaliGemma COCO-captions transfer (configs/proj/paligemma/transfers/cococap.py, its `sweep_best`): lr
+# 1e-5, 32 text tokens for "caption en" + caption (its text_len), beam 2 decoding up to 32 tokens. Its batch of 256
+# is a recipe's grad_accum matter; min 1 new token forbids an empty caption.
 _DEFAULTS = {
     "train.lr": 1e-5,
     "train.batch_size": 16,
     "train.lora_targets": "q_proj,k_proj,v_proj,o_proj",
-    "data.max_caption_tokens": 64,
-    "eval.num_beams": 1,
+    "data.max_caption_tokens": 32,
+    "eval.num_beams": 2,
     "eval.max_new_tokens": 32,
     "eval.min_new_tokens": 1,
 }
 # The random tiny preset learns the shapes task at 1e-3 (see README: measured with `captune demo`); 2-3 word captions.
-_TINY_DEFAULTS = {**_DEFAULTS, "train.lr": 1e-3, "eval.max_new_tokens": 12, "data.max_caption_tokens": 32}
+_TINY_DEFAULTS = {**_DEFAULTS, "train.lr": 1e-3, "eval.num_beams": 1, "eval.max_new_tokens": 12}
 
 
 def defaults(name: str) -> dict[str, object]:
@@ -133,9 +132,9 @@ def tiny_config(tokenizer) -> PaliGemmaConfig:
                        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id)
-    return PaliGemmaConfig(vision_config=vision, text_config=text.to_dict(), image_token_index=tokenizer.image_token_id,
-                           vocab_size=len(tokenizer), projection_dim=width, hidden_size=width,
-                           pad_token_id=tokenizer.pad_token_id)
+    return PaliGemmaConfig(vision_config=vision, text_config=text.to_dict(),
+                           image_token_index=tokenizer.image_token_id, vocab_size=len(tokenizer),
+                           projection_dim=width, hidden_size=width, pad_token_id=tokenizer.pad_token_id)
 
 
 def full_size_config() -> PaliGemmaConfig:
@@ -286,19 +285,29 @@ def target_tokens(batch: dict) -> torch.Tensor:
     return _target_tokens(batch["labels"])
 
 
-def _logits(model, batch: dict) -> torch.Tensor:
-    return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]).logits
+def _text_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of the text positions only: the model is asked for the last `width - image tokens` rows
+    (`logits_to_keep`), since no image placeholder is ever a target. With Gemma's 257,152-token vocabulary that is
+    most of a step's activation memory: 8 rows x 290 positions of fp32 logits are 2.4 GB at 224 px, their text
+    positions 0.3 GB. The placeholders lead every row, so the count comes from the config, without a device sync."""
+    config = getattr(model, "module", model).config  # DDP; peft forwards attribute reads itself
+    images = config.text_config.num_image_tokens
+    keep = batch["input_ids"].shape[1] - images
+    logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+                   logits_to_keep=keep).logits
+    return logits, batch["labels"][:, images:]
 
 
 def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
     """Summed next-token cross entropy: logits at t predict label t + 1 (everything before the caption -100)."""
-    return caption_loss_sum(_logits(model, batch), batch["labels"], label_smoothing)
+    logits, labels = _text_logits(model, batch)
+    return caption_loss_sum(logits, labels, label_smoothing)
 
 
 def sequence_nll(model, batch: dict) -> torch.Tensor:
     """-log p per row over `loss_sum`'s positions (see captune.models)."""
-    return caption_sequence_nll(_logits(model, batch), batch["labels"])
+    return caption_sequence_nll(*_text_logits(model, batch))
 
 
 # --- generation -------------------------------------------------------------------------------------------------
