@@ -235,7 +235,16 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory):
+def no_meteor():
+    """METEOR's Java scorer (10-25 s a call on the shared test machine) is family-independent and tested in
+    test_metrics.py; here it would only add its start-up to every command."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("captune.metrics._meteor_score", lambda gts, res: 0.0)
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory, no_meteor):
     """A short tiny-paligemma run through the CLI: 4 steps, best/ saved. Decoding forbids repeated tokens, so the
     briefly trained model writes words rather than one token over and over."""
     out = tmp_path_factory.mktemp("paligemma") / "run"
@@ -275,7 +284,7 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
     assert Captioner.load(best, device="cpu").caption([str(p) for p in images]) == ours
 
 
-def test_eval_report_and_export_work_on_a_paligemma_run(run, data, tmp_path):
+def test_eval_report_and_export_work_on_a_paligemma_run(run, data, tmp_path, no_meteor):
     from transformers import PaliGemmaForConditionalGeneration
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
