@@ -316,3 +316,4 @@ def test_lora_run_resumes_exactly_and_reloads_merged(data, tmp_path, monkeypatch
     assert torch.equal(adapted.state_dict()[mlp], base.state_dict()[mlp])
     images = [Image.open(p).convert("RGB") for p in sorted((data / "validation").glob("*.png"))]
     assert len(caption_images(adapted.eval(), processor, images, GenerationOptions(max_new_tokens=3))) == len(images)
+
