@@ -281,7 +281,16 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
     processor = AutoProcessor.from_pretrained(best)
     pil = [Image.open(p).convert("RGB") for p in images]
     assert caption_images(model, processor, pil, GenerationOptions(**settings["generation"])) == ours
-    assert Captioner.load(best, device="cpu").caption([str(p) for p in images]) == ours
+    captioner = Captioner.load(best, device="cpu")
+    assert captioner.caption([str(p) for p in images]) == ours
+    from fastapi.testclient import TestClient
+
+    from captune.serve import create_app
+
+    with TestClient(create_app(captioner)) as client:  # `captune serve`'s app
+        reply = client.post("/v1/caption", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in images])
+    assert reply.status_code == 200, reply.text
+    assert [c["caption"] for c in reply.json()["captions"]] == ours
 
 
 def test_eval_report_and_export_work_on_a_paligemma_run(run, data, tmp_path, no_meteor):
