@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the full-size BLIP-base architecture, generated JPEGs, worker subprocesses.
+"""Shared pieces of the benchmarks: full-size architectures of every model family, generated JPEGs, worker subprocesses.
 
 Nothing here downloads anything: models are randomly initialised (the compute is the same as the real checkpoint's),
 images are generated.
@@ -54,6 +54,128 @@ def build_model(smoke: bool, seed: int = 0) -> tuple[BlipForConditionalGeneratio
     tokenizer.model_max_length = config.text_config.max_position_embeddings
     processor = BlipProcessor(image_processor=image_processor(size), tokenizer=tokenizer)
     return model, processor, size
+
+
+# `--model` of the benchmarks -> (the checkpoint whose architecture `build_family` builds with random weights, the
+# captune preset `--smoke` uses instead). The tokenizers of OPT, T5 and Florence-2 cannot ship offline: their
+# full-size stand-ins keep the real vocabulary *size* (the embedding and LM-head compute) with captune's small
+# offline BPE, so caption token counts differ a little from the real tokenizers' (each run prints its own).
+FAMILIES = {
+    "blip": ("Salesforce/blip-image-captioning-base", "tiny"),
+    "blip2": ("Salesforce/blip2-opt-2.7b", "tiny-blip2"),
+    "blip2-t5": ("Salesforce/blip2-flan-t5-xl", "tiny-blip2-t5"),
+    "git": ("microsoft/git-base", "tiny-git"),
+    "florence2": ("florence-community/Florence-2-base", "tiny-florence2"),
+    "paligemma": ("google/paligemma-3b-pt-224", "tiny-paligemma"),
+}
+
+
+def git_base_config():
+    """microsoft/git-base's sizes: GitConfig's defaults (CLIP ViT-B/16 at 224 px, 6-layer 768-wide decoder), checked."""
+    from transformers import GitConfig
+
+    config = GitConfig()
+    vision = config.vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (768, 12, 224, 16)
+    assert (config.hidden_size, config.num_hidden_layers, config.vocab_size, config.bos_token_id) == (768, 6, 30522, 101)
+    return config
+
+
+def florence2_base_config(tokenizer):
+    """florence-community/Florence-2-base's sizes (0.23 B parameters): DaViT (depths 1-1-9-1, widths 128-1024,
+    window 12, 768 px -> 577 image rows) and a 6+6-layer 768-wide BART with its 51,289-token vocabulary; the special
+    token ids are the offline tokenizer's. Florence2Config's own text defaults are the large model's (1024 wide)."""
+    from transformers import BartConfig, Florence2Config
+
+    vision = dict(depths=[1, 1, 9, 1], embed_dim=[128, 256, 512, 1024], num_heads=[4, 8, 16, 32],
+                  num_groups=[4, 8, 16, 32], window_size=12, projection_dim=768)
+    text = BartConfig(vocab_size=51289, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                      decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                      max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
+    return Florence2Config(vision_config=vision, text_config=text, image_token_id=tokenizer.image_token_id)
+
+
+def build_family(name: str, smoke: bool, seed: int = 0, device: str | torch.device = "cpu"):
+    """(model, processor, what it stands for): a `FAMILIES` entry's full-size architecture with random weights, or
+    with `smoke` captune's tiny preset of that family (loaded through the family's own `load`).
+
+    The model is built on `device` directly (a 3.7 B BLIP-2 initialises in seconds on a GPU, minutes on a CPU), in
+    fp32, with the attention transformers picks by default; captune's speed levers are applied by the caller.
+    """
+    from captune.models import PRESETS, family_module
+
+    hub_id, preset = FAMILIES[name]
+    torch.manual_seed(seed)
+    if name == "blip":
+        model, processor, _ = build_model(smoke, seed)
+        return model.to(device), processor, "tiny" if smoke else hub_id
+    family = family_module(PRESETS[preset])
+    if smoke:
+        model, processor = family.load(preset, seed=seed)
+        return model.to(device), processor, preset
+    with torch.device(device):
+        if name in ("blip2", "blip2-t5"):
+            model, processor = _blip2_full_size(name, preset, family)
+        elif name == "git":
+            from transformers import GitForCausalLM, GitProcessor
+
+            model = GitForCausalLM(git_base_config())
+            processor = GitProcessor(image_processor=family.image_processor(224), tokenizer=family.git_tokenizer())
+        elif name == "paligemma":
+            model, processor = _paligemma_full_size(family)
+        else:
+            from transformers import Florence2ForConditionalGeneration, Florence2Processor
+
+            tokenizer = family.tiny_tokenizer()
+            config = florence2_base_config(tokenizer)
+            model = Florence2ForConditionalGeneration(config)
+            processor = Florence2Processor(
+                image_processor=family.image_processor(768, family.vision_seq_length(config, 768)),
+                tokenizer=tokenizer, post_processor_config=family.POST_PROCESSOR_CONFIG)
+    return model, processor, hub_id
+
+
+def _paligemma_full_size(family):
+    """PaliGemma 3B at 224 px (`paligemma.full_size_config`: SigLIP-So400m + Gemma-2B, 256 image tokens) with the
+    preset's offline tokenizer: special-token ids are the tokenizer's, sizes (the 257,152-token vocabulary
+    included) the checkpoint's."""
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    tokenizer = family.tiny_tokenizer()
+    config = family.full_size_config()
+    config.image_token_id = tokenizer.image_token_id
+    text = config.text_config
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                               tokenizer.eos_token_id)
+    model = PaliGemmaForConditionalGeneration(config)
+    seq_length = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    processor = PaliGemmaProcessor(image_processor=family.image_processor(224, seq_length), tokenizer=tokenizer)
+    return model, processor
+
+
+def _blip2_full_size(name: str, preset: str, family):
+    """BLIP-2 OPT-2.7B or Flan-T5-XL (`blip2.full_size_config`) with the preset's offline BPE: special-token ids
+    are the tokenizer's, sizes the checkpoint's."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    tokenizer = family.preset_tokenizer(preset)
+    config = family.full_size_config("t5" if name == "blip2-t5" else "opt")
+    config.image_token_id = tokenizer.convert_tokens_to_ids(family.IMAGE_TOKEN)
+    text = config.text_config
+    text.pad_token_id, text.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    if name == "blip2-t5":
+        text.eos_token_id, text.decoder_start_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    else:
+        text.eos_token_id = tokenizer(family.END_OF_CAPTION, add_special_tokens=False)["input_ids"][-1]
+    model = Blip2ForConditionalGeneration(config)
+    # As blip2.tiny: transformers starts the query tokens at zero (identical queries); LAVIS draws N(0, 0.02).
+    torch.nn.init.normal_(model.query_tokens, std=config.qformer_config.initializer_range)
+    tokenizer.image_token = family.IMAGE_TOKEN
+    processor = Blip2Processor(image_processor=family.image_processor(224), tokenizer=tokenizer,
+                               num_query_tokens=config.num_query_tokens)
+    return model, processor
 
 
 def random_caption(rng: random.Random) -> str:

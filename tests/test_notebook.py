@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +165,163 @@ def test_notebook_doc_commands_match_the_notebook():
 
     extras = tomllib.loads((NOTEBOOK.parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(dep.startswith("jupyterlab") for dep in extras["notebook"])
+
+
+# Every shell command of docs/notebook.md runs (its ```bash blocks). Each command is run by the test named for it
+# here; test_every_doc_command_is_run fails when the doc gains a command that no test runs.
+DOC = NOTEBOOK.parents[1] / "docs" / "notebook.md"
+REPO = NOTEBOOK.parents[1]
+DOC_COMMANDS = {  # how the command starts (after VAR=value assignments) -> the test that runs it
+    "pip install": "test_doc_install_command_resolves_offline",
+    "jupyter lab": "test_doc_jupyter_lab_command_serves_the_notebook",
+    "jupyter nbconvert": "test_doc_clear_output_command_restores_the_committed_notebook",
+}
+
+
+def doc_commands() -> list[str]:
+    """The command lines of the doc's ```bash blocks, trailing comments removed."""
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
+             for line in block.splitlines()]
+    commands = [re.sub(r"\s+#.*$", "", line) for line in lines if line and not line.startswith("#")]
+    assert commands and not any("#" in command for command in commands), commands
+    return commands
+
+
+def doc_command(start: str) -> str:
+    (command,) = [c for c in doc_commands() if re.sub(r"^(\w+=\S*\s+)*", "", c).startswith(start)]
+    return command
+
+
+def shell_env(tmp_path: Path) -> dict:
+    """This interpreter's bin/ first on PATH (as in an activated venv); Jupyter's files under tmp_path, not $HOME."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    for name in ("JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
+        env[name] = str(tmp_path / name.lower())
+    env.pop("JUPYTER_PATH", None)
+    return env
+
+
+def git_status() -> str | None:
+    """`git status` of the clone, untracked files listed one by one (None outside a git checkout)."""
+    if not (REPO / ".git").exists():
+        return None
+    return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_every_doc_command_is_run():
+    commands = doc_commands()
+    for command in commands:
+        bare = re.sub(r"^(\w+=\S*\s+)*", "", command)
+        assert any(bare.startswith(start) for start in DOC_COMMANDS), \
+            f"docs/notebook.md shows `{command}`, which no test runs: add it to DOC_COMMANDS and a test"
+    for start in DOC_COMMANDS:
+        doc_command(start)  # each runner's command is still in the doc, exactly once
+
+
+# Offline pip flags: resolve against what is installed (no index), build the metadata with the installed setuptools,
+# install nothing. pip still fails when the extra is unknown to it or a requirement is missing or the wrong version.
+PIP_OFFLINE = "--dry-run --no-index --no-build-isolation"
+
+
+def test_doc_install_command_resolves_offline(tmp_path):
+    command = doc_command("pip install")
+    before = git_status()
+    done = subprocess.run(["bash", "-c", f"{command} {PIP_OFFLINE}"], cwd=REPO, env=shell_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Would install captune-" in done.stdout, done.stdout[-2000:]
+    assert "does not provide the extra" not in done.stdout + done.stderr, done.stderr[-2000:]
+    for requirement in ("jupyterlab", "ipywidgets"):  # the notebook extra's, not only captune's own
+        assert re.search(rf"Requirement already satisfied: {requirement}\b", done.stdout, re.I), requirement
+    assert git_status() == before
+
+
+def test_notebook_install_cell_installs_the_clone(tmp_path):
+    """The install cell's clone branch, as a kernel without captune runs it: `pip install -e REPO[notebook]`."""
+    source = {cell.id: cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4))}["install"]
+    # captune is installed here, so pretend it is not, and keep pip to the offline dry run.
+    prelude = textwrap.dedent(f"""
+        import importlib.util, subprocess
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *rest: None if name == "captune" else find_spec(name, *rest)
+        run = subprocess.run
+        def dry_run(args, **kwargs):
+            print("RAN", args)
+            return run([*args, *{PIP_OFFLINE.split()!r}], **kwargs)
+        subprocess.run = dry_run
+    """)
+    before = git_status()
+    done = subprocess.run([sys.executable, "-c", prelude + source], cwd=REPO / "notebooks", env=shell_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"'-e', '{REPO}[notebook]']" in done.stdout and "\ncaptune " in done.stdout, done.stdout
+    assert git_status() == before
+
+
+def test_doc_jupyter_lab_command_serves_the_notebook(tmp_path):
+    """`jupyter lab notebooks/finetune_blip.ipynb` starts, serves the lab and the notebook, and stops cleanly."""
+    import urllib.request
+
+    command = doc_command("jupyter lab") + " --no-browser --port=0"  # no display here; any free port
+    if os.geteuid() == 0:
+        command += " --allow-root"  # a CI container runs as root; the doc says when to add it
+    env = shell_env(tmp_path)
+    runtime = Path(env["JUPYTER_RUNTIME_DIR"])
+    before = git_status()
+    server = subprocess.Popen(["bash", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(runtime.glob("jpserver-*.json")):  # written once the server listens
+            assert server.poll() is None, server.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "jupyter lab did not start in 180 s"
+            time.sleep(0.2)
+        info = json.loads(next(runtime.glob("jpserver-*.json")).read_text())
+
+        def get(path: str, method: str = "GET") -> tuple[int, bytes]:
+            request = urllib.request.Request(info["url"] + path, method=method,
+                                             headers={"Authorization": f"token {info['token']}"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read()
+
+        status, body = get("api/status")
+        assert status == 200 and "started" in json.loads(body)
+        status, body = get("lab")
+        assert status == 200 and b"<title>JupyterLab" in body
+        # It serves the notebook the command names (from its folder: the lab opens it at start).
+        status, body = get("api/contents/finetune_blip.ipynb?content=0")
+        assert status == 200 and json.loads(body)["type"] == "notebook"
+        assert Path(info["root_dir"]) == NOTEBOOK.parent
+        assert get("api/shutdown", method="POST")[0] == 200
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        server.stdout.close()
+    assert git_status() == before
+
+
+def test_doc_clear_output_command_restores_the_committed_notebook(tmp_path):
+    """The doc's clear-output command, run on a copy that JupyterLab saved after running it (outputs of every kind,
+    execution counts), gives back the committed file byte for byte: what the command leaves is what
+    test_committed_notebook_has_no_outputs accepts."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    for count, cell in enumerate(code_cells(notebook), start=1):
+        cell.execution_count = count
+        cell.outputs = [
+            nbformat.v4.new_output("stream", name="stdout", text="loss 2.7\n"),
+            nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"}),
+            nbformat.v4.new_output("display_data", data={WIDGET_VIEW: {"model_id": "1", "version_major": 2,
+                                                                       "version_minor": 0}}),
+            nbformat.v4.new_output("execute_result", data={"text/plain": "3"}, execution_count=count),
+        ]
+    copy = tmp_path / "notebooks" / NOTEBOOK.name
+    copy.parent.mkdir()
+    nbformat.write(notebook, copy)
+    assert copy.read_text() != NOTEBOOK.read_text()
+    done = subprocess.run(["bash", "-c", doc_command("jupyter nbconvert")], cwd=tmp_path, env=shell_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert copy.read_text() == NOTEBOOK.read_text()

@@ -90,6 +90,27 @@ def test_caption_several_images_matches_python_api(client, tiny_model_dir):
     assert [c["caption"] for c in body["captions"]] == local.caption([png_bytes(), jpeg], num_beams=2)
 
 
+@pytest.mark.parametrize("preset, family", [("tiny-blip2", "blip-2"), ("tiny-git", "git")])
+def test_other_families_serve_what_the_python_api_captions(preset, family):
+    """BLIP-2 and GIT behind the same app (in-process, no socket: the HTTP layer is BLIP's, tested above): /health
+    names the family, and two uploads of different formats and sizes, batched in one request with beam search, get
+    the captions `Captioner.caption` gives."""
+    from fastapi.testclient import TestClient
+
+    from captune import Captioner
+    from captune.serve import create_app
+
+    captioner = Captioner.load(preset, device="cpu", max_new_tokens=5)
+    jpeg = png_bytes((20, 160, 40), (64, 48), fmt="JPEG")
+    with TestClient(create_app(captioner)) as local:
+        assert local.get("/health").json()["family"] == family
+        reply = local.post("/v1/caption", files=[upload("a.png"), upload("b.jpg", jpeg, "image/jpeg")],
+                           data={"num_beams": "2"})
+    assert reply.status_code == 200, reply.text
+    served = [c["caption"] for c in reply.json()["captions"]]
+    assert any(served) and served == captioner.caption([png_bytes(), jpeg], num_beams=2)
+
+
 @pytest.mark.parametrize("files, data, status, message", [
     ([upload("notes.txt", b"hello, not an image", "text/plain")], {}, 415, "not an image"),
     ([upload("notes.png", b"hello, not an image")], {}, 415, "not a supported image"),

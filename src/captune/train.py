@@ -347,6 +347,305 @@ def _record_skips(items: list[dict], skipped: list[dict], on_bad_sample: str) ->
         skipped.append(item)
 
 
+@dataclass
+class Run:
+    """What the loop's named steps share: the parts prepared before the loop and the counters they move on.
+
+    `state` is what a checkpoint stores besides `step` (and the scheduler): restoring both continues the run exactly.
+    """
+    cfg: Config
+    output: Path
+    accelerator: Accelerator
+    model: torch.nn.Module
+    processor: object
+    family: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    metrics_log: MetricsLog
+    validation: list
+    val_pairs: object
+    """Every validation (image, caption) pair, for the validation loss; None without validation data."""
+    options: GenerationOptions
+    settings: dict
+    """What best/ and last/ record of how they were trained and how they caption."""
+    data_counts: dict
+    state: dict
+    step: int
+    total_steps: int
+    batch_size: int
+    started: float
+    """perf_counter() when train() began (the summary's wall time)."""
+    final_metrics: dict = field(default_factory=dict)
+    validation_seconds: float = 0.0
+    """Kept out of the training throughput."""
+    checkpointed_step: int | None = None
+    seen: int = 0
+    """Pairs trained since the last logged step (with `tick`, the logged samples/s)."""
+    tick: float = 0.0
+    pairs_trained: int = 0
+    """Pairs this run trained on (a resumed run counts from its checkpoint): the summary's samples/s."""
+    loop_started: float = 0.0
+    last_train: dict | None = None
+    """The newest training record not yet written to metrics.jsonl."""
+    bar: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _new_accelerator(cfg: Config, output: Path, trackers: list[str]) -> Accelerator:
+    return Accelerator(
+        # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
+        # alone (writing the same files); with it, CPU processes join one gloo group.
+        cpu=launched_on_cpus(),
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
+    )
+
+
+def _load_data(cfg: Config):
+    """(the dataset, the rows already unusable in its metadata as skip records, the validation images used)."""
+    data = build_dataset(
+        cfg.data.path, cfg.data.val_split, cfg.train.seed, data_format=cfg.data.format, image_root=cfg.data.image_root,
+        image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
+        train_split=cfg.data.train_split, eval_split=cfg.data.eval_split, strict=cfg.data.on_bad_sample == "error",
+    )
+    # Rows already unusable in the metadata (missing file, empty caption...) are skips like undecodable images.
+    skipped = [{"id": p.id or p.where, "reason": str(p)} for p in data.problems]
+    return data, skipped, data.validation[: cfg.data.max_val_images or None]
+
+
+def _announce(cfg: Config, family, model, data, validation: list, skipped: list[dict], accelerator) -> None:
+    log.info(
+        "training %s (%s, mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d "
+        "process(es), precision %s", cfg.model.name, family.NAME, cfg.train.mode, len(data.train),
+        count_captions(data.train), len(validation), freeze_summary(model), accelerator.device,
+        accelerator.num_processes, accelerator.mixed_precision,
+    )
+    if not validation:
+        log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
+    for item in skipped:
+        log.warning("skipped %s", item["reason"])
+
+
+def _restored_state(accelerator, output: Path, scheduler, skipped: list[dict], checkpoint: Path | None):
+    """(state, step) to start from: the newest intact checkpoint's (the scheduler and, on the main process, the
+    metrics log and best/ put back as they were then), or a fresh run's."""
+    state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
+             "validated_step": None, "skipped": skipped}
+    if checkpoint is None:
+        return state, 0
+    checkpoint, state = _restore_newest_intact(accelerator, output)
+    step = state.pop("step")
+    if "scheduler" in state:
+        scheduler.load_state_dict(state.pop("scheduler"))
+    if accelerator.is_main_process:
+        truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
+        restore_best(output, state["best_step"])
+    log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
+    return state, step
+
+
+def _card(run: Run, metrics: dict, at_step: int) -> str:
+    cfg = run.cfg
+    return model_card(base_model=cfg.model.name, data=run.data_counts, hyperparameters=vars(cfg.train),
+                      metrics=metrics, generation=run.settings["generation"], prompt=cfg.data.prompt, step=at_step,
+                      family=run.family)
+
+
+def _caption_before(run: Run, before) -> None:
+    """The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless the
+    caller, the demo, has already done that and hands them over as `before`)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    before = before or evaluate(run.model, run.processor, run.validation, run.options, accelerator=accelerator,
+                                batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                                desc="captioning before training", meteor=False)
+    loss = validation_loss(run.model, run.val_pairs, cfg.train.label_smoothing, accelerator)
+    if run.main:
+        run.metrics_log.write(step=0, epoch=0, split="before", **before.metrics,
+                              **({"loss": loss} if loss is not None else {}))
+        write_jsonl(run.output / "val_predictions_before.jsonl", before.predictions)
+        log.info("before training: %s", _format_metrics(before.metrics))
+
+
+def _validate(run: Run, epoch: int, final: bool = False) -> None:
+    """Caption the validation images and score them; a better score saves best/ (main process), a worse one counts
+    towards early stopping. Every process keeps the same best/patience state (the gathered metrics are identical
+    everywhere)."""
+    state, step, output, t = run.state, run.step, run.output, run.cfg.train
+    if not run.validation or (state["validated_step"] == step and not final):
+        return  # an epoch end can coincide with an eval_every_steps step
+    state["validated_step"] = step
+    validation_started = time.perf_counter()
+    # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
+    result = evaluate(
+        run.model, run.processor, run.validation, run.options, accelerator=run.accelerator,
+        batch_size=run.cfg.eval.batch_size, num_workers=run.cfg.data.num_workers, desc=f"validating (step {step})",
+        meteor=final,
+    )
+    loss = validation_loss(run.model, run.val_pairs, t.label_smoothing, run.accelerator)
+    if loss is not None:
+        result.metrics["loss"] = loss
+    run.final_metrics = result.metrics
+    score = selection_score(result.metrics, t.best_metric)
+    improved = state["best_score"] is None or score > state["best_score"]
+    state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
+    if improved:
+        state.update(best_score=score, best_step=step)
+    if run.main:
+        run.metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
+        run.accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)},
+                            step=step)
+        write_jsonl(output / "val_predictions.jsonl", result.predictions)
+        log.info("step %d validation: %s", step, _format_metrics(result.metrics))
+        for warning in guard_warnings(result.metrics, images=len(result.predictions)):
+            log.warning("step %d validation: %s", step, warning)
+        if improved:
+            # The report's gallery shows best/'s captions, not whichever model validated last.
+            write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
+            keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
+            save_model(run.accelerator.unwrap_model(run.model), run.processor, output / "best",
+                       {**run.settings, "step": step}, _card(run, result.metrics, step))
+    run.accelerator.wait_for_everyone()
+    run.validation_seconds += time.perf_counter() - validation_started
+
+
+def _checkpoint(run: Run) -> None:
+    run.checkpointed_step = run.step
+    with quiet_tied_weights_note(run.accelerator.unwrap_model(run.model)):
+        save_checkpoint(run.accelerator, run.output, run.step, {**run.state, "metrics_lines": run.metrics_log.lines},
+                        run.cfg.train.keep_last, scheduler=run.scheduler)
+
+
+def _patience_spent(run: Run) -> bool:
+    patience = run.cfg.train.early_stopping_patience
+    return bool(patience) and run.state["stale_evals"] >= patience
+
+
+def _train_step(run: Run, window: list[dict], epoch: int, vision, scst, stop) -> bool:
+    """One optimizer step over an accumulation window (caption loss or SCST), logged; returns whether any process
+    has asked to stop (a signal).
+
+    Raises:
+        CaptuneError: a bad sample with data.on_bad_sample=error, or a non-finite loss with train.on_nonfinite=stop.
+    """
+    accelerator, model, t, state = run.accelerator, run.model, run.cfg.train, run.state
+    for batch in window:
+        _record_skips(batch.pop("skipped", []), state["skipped"], run.cfg.data.on_bad_sample)
+    if scst is None:
+        loss_sum, tokens, pairs = backward_window(
+            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
+            epoch=epoch, first_batch=state["batch"])
+    else:
+        loss_sum, tokens, pairs = scst_backward_window(
+            scst, accelerator, model, vision, window, processor=run.processor, seed=t.seed,
+            epoch=epoch, first_batch=state["batch"])
+    state["batch"] += len(window)
+    run.seen += pairs * accelerator.num_processes
+    run.pairs_trained += pairs * accelerator.num_processes
+    run.step += 1
+    step = run.step
+    # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
+    loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
+    if bad and t.on_nonfinite == "stop":
+        last_good = latest_checkpoint(run.output)
+        raise CaptuneError(
+            f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
+            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
+            "rerun with --resume, or set train.on_nonfinite=skip", 1)
+    if bad or loss_value is None:
+        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
+                    else "no usable training pair on any process", step)
+    else:
+        if t.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    rate = run.seen / max(time.perf_counter() - run.tick, 1e-9)
+    run.bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+    run.bar.update()
+    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
+    rewards = scst.meter.finish_step(accelerator) if scst else {}
+    run.last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate, **rewards)
+    if step % t.log_every_steps == 0 or step in (1, run.total_steps):
+        run.metrics_log.write(**run.last_train)
+        accelerator.log({"train/loss": loss_value, "train/lr": lr,
+                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
+        run.seen, run.tick, run.last_train = 0, time.perf_counter(), None
+    return signalled
+
+
+def _stopped(run: Run, interrupted: str) -> TrainResult:
+    """The end of a run a signal stopped: its checkpoint is saved; --resume goes on from it."""
+    run.metrics_log.close()
+    log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
+                interrupted, run.step, run.output)
+    run.accelerator.end_training()
+    return TrainResult(output=run.output, steps=run.step, best_score=run.state["best_score"],
+                       best_step=run.state["best_step"], interrupted=interrupted)
+
+
+def _finish(run: Run) -> TrainResult:
+    """The end of a run that trained to the end (or stopped early): the last training record, the final validation
+    (with METEOR), a last checkpoint when they are kept, then the run directory's outputs."""
+    t, accelerator, step = run.cfg.train, run.accelerator, run.step
+    if _patience_spent(run):
+        log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
+                 t.early_stopping_patience)
+    train_seconds = time.perf_counter() - run.loop_started - run.validation_seconds
+    if run.last_train is not None:
+        # The last step is always logged (early stopping can end a run between logging steps): a 15-step run that
+        # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
+        run.metrics_log.write(**run.last_train)
+    _validate(run, run.state["epoch"], final=True)
+    if t.keep_checkpoints and run.checkpointed_step != step:
+        _checkpoint(run)  # kept checkpoints end at the last step, so --resume with more epochs goes on from there
+    run.metrics_log.close()
+    skipped = run.state["skipped"]
+    skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
+    if run.main:
+        _write_outputs(run, skipped, train_seconds)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(output=run.output, steps=step, best_score=run.state["best_score"],
+                       best_step=run.state["best_step"], final_metrics=run.final_metrics,
+                       checkpoints_kept=t.keep_checkpoints)
+
+
+def _write_outputs(run: Run, skipped: list[dict], train_seconds: float) -> None:
+    """Main process, at a clean finish: last/ (and best/ when nothing validated), summary.json, the report, and
+    the checkpoints removed unless train.keep_checkpoints."""
+    t, output, step, accelerator = run.cfg.train, run.output, run.step, run.accelerator
+    if skipped:
+        log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
+    unwrapped = accelerator.unwrap_model(run.model)
+    for name in ("last", "best") if run.state["best_score"] is None else ("last",):
+        save_model(unwrapped, run.processor, output / name, {**run.settings, "step": step},
+                   _card(run, run.final_metrics, step))
+    vocab = unwrapped.config.get_text_config().vocab_size  # the caption loss's number of classes
+    run_facts = {
+        "wall_seconds": round(time.perf_counter() - run.started, 1), "train_seconds": round(train_seconds, 1),
+        # Pairs this run trained on (a resumed run counts from its checkpoint) over the loop's wall time.
+        "samples_per_s": round(run.pairs_trained / max(train_seconds, 1e-9), 2),
+        "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes, "batch_size": run.batch_size,
+        "peak_memory": peak_memory(accelerator.device), "versions": library_versions(),
+        "data_git": data_commit(run.cfg.data.path), "label_smoothing": t.label_smoothing,
+        "loss_floor": round(loss_floor(t.label_smoothing, vocab), 4),
+    }
+    write_json(output / "summary.json", {"steps": step, "best_step": run.state["best_step"],
+                                         "best_score": run.state["best_score"], "best_metric": t.best_metric,
+                                         "final_metrics": run.final_metrics, "skipped_samples": skipped,
+                                         "data": run.data_counts, "run": run_facts})
+    write_report(output)
+    if not t.keep_checkpoints:
+        # A clean finish leaves nothing to resume: best/ and last/ hold the models, the checkpoints only weight.
+        shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
+
+
 def train(cfg: Config, *, model=None, processor=None, resume: bool = False, overwrite: bool = False,
           before=None) -> TrainResult:
     """Fine-tune a captioner as `cfg` says and write the run directory.
@@ -369,46 +668,22 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
             file is written), or a non-finite loss with `train.on_nonfinite: stop`.
     """
     cfg = resolved(cfg, model)
-    output = Path(cfg.output)
-    started = time.perf_counter()
-    trackers = resolve_trackers(cfg.train.report_to)
-    accelerator = Accelerator(
-        # Without this Accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every process trains
-        # alone (writing the same files); with it, CPU processes join one gloo group.
-        cpu=launched_on_cpus(),
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers or None, project_dir=str(output),
-    )
+    t, output, started = cfg.train, Path(cfg.output), time.perf_counter()
+    trackers = resolve_trackers(t.report_to)
+    accelerator = _new_accelerator(cfg, output, trackers)
     main = accelerator.is_main_process
     _check_run_directory(output, resume, overwrite)
     accelerator.wait_for_everyone()  # every process has looked before the main one writes into the directory
-    set_seed(cfg.train.seed)
+    set_seed(t.seed)
     checkpoint = latest_checkpoint(output) if resume else None
     if resume and checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s/checkpoints; starting from the beginning", output)
-    data = build_dataset(
-        cfg.data.path, cfg.data.val_split, cfg.train.seed, data_format=cfg.data.format, image_root=cfg.data.image_root,
-        image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
-        train_split=cfg.data.train_split, eval_split=cfg.data.eval_split, strict=cfg.data.on_bad_sample == "error",
-    )
-    # Rows already unusable in the metadata (missing file, empty caption...) are skips like undecodable images.
-    skipped = [{"id": p.id or p.where, "reason": str(p)} for p in data.problems]
-    validation = data.validation[: cfg.data.max_val_images or None]
-    t = cfg.train
+    data, skipped, validation = _load_data(cfg)
     model, processor = trainable_model(cfg, model, processor)
     family = family_of(model)
     if main:
         _start_run_directory(output, cfg, fresh=checkpoint is None)
-        log.info(
-            "training %s (%s, mode %s) on %d images (%d captions), validating on %d images; %s; %s on %d "
-            "process(es), precision %s", cfg.model.name, family.NAME, t.mode, len(data.train), count_captions(data.train),
-            len(validation), freeze_summary(model), accelerator.device, accelerator.num_processes,
-            accelerator.mixed_precision,
-        )
-        if not validation:
-            log.warning("no validation data (no validation/ folder, data.val_split 0): best/ will be the last model")
-        for item in skipped:
-            log.warning("skipped %s", item["reason"])
+        _announce(cfg, family, model, data, validation, skipped, accelerator)
     accelerator.wait_for_everyone()
 
     collator = CaptionCollator(processor, cfg.data.max_caption_tokens, cfg.data.prompt, family=family)
@@ -438,19 +713,7 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
         optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps,
         min_lr_rate=t.min_lr_ratio,
     )
-    # Everything the loop needs to continue exactly where a checkpoint left off.
-    state = {"epoch": 0, "batch": 0, "best_score": None, "best_step": None, "stale_evals": 0, "metrics_lines": 0,
-             "validated_step": None, "skipped": skipped}
-    step = 0
-    if checkpoint is not None:
-        checkpoint, state = _restore_newest_intact(accelerator, output)
-        step = state.pop("step")
-        if "scheduler" in state:
-            scheduler.load_state_dict(state.pop("scheduler"))
-        if main:
-            truncate_lines(output / "metrics.jsonl", state["metrics_lines"])
-            restore_best(output, state["best_step"])
-        log.info("resuming from %s: step %d, epoch %d, batch %d", checkpoint, step, state["epoch"], state["batch"])
+    state, step = _restored_state(accelerator, output, scheduler, skipped, checkpoint)
     metrics_log = MetricsLog(output / "metrics.jsonl", enabled=main, lines=state["metrics_lines"])
     if trackers:
         accelerator.init_trackers("captune", config=flat_config(cfg))
@@ -458,86 +721,25 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
     settings = {"base_model": cfg.model.name, "base_seed": t.seed, "mode": t.mode, "prompt": cfg.data.prompt,
                 "max_caption_tokens": cfg.data.max_caption_tokens,
                 "generation": {name: getattr(options, name) for name in RECORDED_OPTIONS}}
-    final_metrics: dict = {}
-    validation_seconds = 0.0  # kept out of the training throughput
-    checkpointed_step = None
     data_counts = {"path": cfg.data.path, "train_images": len(data.train),
                    "train_captions": count_captions(data.train), "validation_images": len(validation),
                    "validation_captions": sum(len(s.captions) for s in validation)}
-
-    def card(metrics: dict, at_step: int) -> str:
-        return model_card(base_model=cfg.model.name, data=data_counts, hyperparameters=vars(cfg.train),
-                          metrics=metrics, generation=settings["generation"], prompt=cfg.data.prompt, step=at_step,
-                          family=family)
-
-    def validate(epoch: int, final: bool = False) -> None:
-        nonlocal final_metrics, validation_seconds
-        if not validation or (state["validated_step"] == step and not final):
-            return  # an epoch end can coincide with an eval_every_steps step
-        state["validated_step"] = step
-        validation_started = time.perf_counter()
-        # METEOR costs ~10 s of Java start-up per call: computed for the final validation only.
-        result = evaluate(
-            model, processor, validation, options, accelerator=accelerator, batch_size=cfg.eval.batch_size,
-            num_workers=cfg.data.num_workers, desc=f"validating (step {step})", meteor=final,
-        )
-        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
-        if loss is not None:
-            result.metrics["loss"] = loss
-        final_metrics = result.metrics
-        score = selection_score(result.metrics, t.best_metric)
-        # Every process keeps the same best/patience state (the gathered metrics are identical everywhere).
-        improved = state["best_score"] is None or score > state["best_score"]
-        state["stale_evals"] = 0 if improved else state["stale_evals"] + 1
-        if improved:
-            state.update(best_score=score, best_step=step)
-        if main:
-            metrics_log.write(step=step, epoch=epoch, split="validation", **result.metrics)
-            accelerator.log({f"validation/{k}": v for k, v in result.metrics.items() if isinstance(v, float)}, step=step)
-            write_jsonl(output / "val_predictions.jsonl", result.predictions)
-            log.info("step %d validation: %s", step, _format_metrics(result.metrics))
-            for warning in guard_warnings(result.metrics, images=len(result.predictions)):
-                log.warning("step %d validation: %s", step, warning)
-            if improved:
-                # The report's gallery shows best/'s captions, not whichever model validated last.
-                write_jsonl(output / "val_predictions_best.jsonl", result.predictions)
-                keep_best_for_resume(output)  # a checkpoint may name the current best/: resume can put it back
-                save_model(accelerator.unwrap_model(model), processor, output / "best", {**settings, "step": step},
-                           card(result.metrics, step))
-        accelerator.wait_for_everyone()
-        validation_seconds += time.perf_counter() - validation_started
-
-    def checkpoint_now() -> None:
-        nonlocal checkpointed_step
-        checkpointed_step = step
-        with quiet_tied_weights_note(accelerator.unwrap_model(model)):
-            save_checkpoint(accelerator, output, step, {**state, "metrics_lines": metrics_log.lines}, t.keep_last,
-                            scheduler=scheduler)
-
-    def patience_spent() -> bool:
-        return bool(t.early_stopping_patience) and state["stale_evals"] >= t.early_stopping_patience
-
+    run = Run(cfg=cfg, output=output, accelerator=accelerator, model=model, processor=processor, family=family,
+              optimizer=optimizer, scheduler=scheduler, metrics_log=metrics_log, validation=validation,
+              val_pairs=val_pairs, options=options, settings=settings, data_counts=data_counts, state=state,
+              step=step, total_steps=total_steps, batch_size=batch_size, started=started)
     if validation and cfg.eval.caption_before and checkpoint is None:
-        # The report's "before" captions: the untouched model, decoded exactly as validation will decode (unless
-        # the caller, the demo, has already done that and hands them over).
-        before = before or evaluate(model, processor, validation, options, accelerator=accelerator,
-                                    batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                                    desc="captioning before training", meteor=False)
-        loss = validation_loss(model, val_pairs, t.label_smoothing, accelerator)
-        if main:
-            metrics_log.write(step=0, epoch=0, split="before", **before.metrics,
-                              **({"loss": loss} if loss is not None else {}))
-            write_jsonl(output / "val_predictions_before.jsonl", before.predictions)
-            log.info("before training: %s", _format_metrics(before.metrics))
+        _caption_before(run, before)
 
     vision = family.vision_tower(accelerator.unwrap_model(model))  # where grouped batches repeat image embeddings
-    seen, tick, interrupted = 0, time.perf_counter(), None
-    pairs_trained, loop_started, last_train = 0, time.perf_counter(), None
+    interrupted = None
+    run.tick = run.loop_started = time.perf_counter()
     model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_local_main_process)
+    run.bar = tqdm(total=total_steps, initial=step, desc="training", unit="step",
+                   disable=not accelerator.is_local_main_process)
     with StopRequests() as stop:
         try:
-            while state["epoch"] < epochs and step < total_steps and not patience_spent() and not interrupted:
+            while state["epoch"] < epochs and run.step < total_steps and not _patience_spent(run) and not interrupted:
                 epoch = state["epoch"]
                 if streamed:
                     items.set_epoch(epoch)
@@ -546,58 +748,15 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                 seed_loader(loader.generator, t.seed, epoch)
                 batches = accelerator.skip_first_batches(loader, state["batch"]) if state["batch"] else loader
                 for window in accumulation_windows(batches, t.grad_accum):
-                    for batch in window:
-                        _record_skips(batch.pop("skipped", []), state["skipped"], cfg.data.on_bad_sample)
-                    if scst is None:
-                        loss_sum, tokens, pairs = backward_window(
-                            accelerator, model, vision, window, label_smoothing=t.label_smoothing, seed=t.seed,
-                            epoch=epoch, first_batch=state["batch"])
-                    else:
-                        loss_sum, tokens, pairs = scst_backward_window(
-                            scst, accelerator, model, vision, window, processor=processor, seed=t.seed,
-                            epoch=epoch, first_batch=state["batch"])
-                    state["batch"] += len(window)
-                    seen += pairs * accelerator.num_processes
-                    pairs_trained += pairs * accelerator.num_processes
-                    step += 1
-                    # One collective per step: every process agrees on the loss, a non-finite loss and a stop signal.
-                    loss_value, bad, signalled = _agree(accelerator, loss_sum, tokens, stop.requested is not None)
-                    if bad and t.on_nonfinite == "stop":
-                        last_good = latest_checkpoint(output)
-                        raise CaptuneError(
-                            f"loss is {loss_value} at step {step} (epoch {epoch}); stopped before updating the weights. "
-                            f"Last good checkpoint: {last_good or 'none'}. Lower train.lr (or use mixed_precision no) and "
-                            "rerun with --resume, or set train.on_nonfinite=skip", 1)
-                    if bad or loss_value is None:
-                        log.warning("%s at step %d: skipping this optimizer step", f"loss is {loss_value}" if bad
-                                    else "no usable training pair on any process", step)
-                    else:
-                        if t.max_grad_norm > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    lr = scheduler.get_last_lr()[0]
-                    scheduler.step()
-                    rate = seen / max(time.perf_counter() - tick, 1e-9)
-                    bar.set_postfix(loss=f"{loss_value or 0:.3f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-                    bar.update()
-                    # SCST: the step's mean sampled (and greedy) reward, agreed across processes.
-                    rewards = scst.meter.finish_step(accelerator) if scst else {}
-                    last_train = dict(step=step, epoch=epoch, split="train", loss=loss_value, lr=lr, samples_per_s=rate,
-                                      **rewards)
-                    if step % t.log_every_steps == 0 or step in (1, total_steps):
-                        metrics_log.write(**last_train)
-                        accelerator.log({"train/loss": loss_value, "train/lr": lr,
-                                         **{f"train/{k}": v for k, v in rewards.items() if v is not None}}, step=step)
-                        seen, tick, last_train = 0, time.perf_counter(), None
-                    if t.eval_every_steps and step % t.eval_every_steps == 0 and step < total_steps:
-                        validate(epoch)
-                    if step >= total_steps or patience_spent():
+                    signalled = _train_step(run, window, epoch, vision, scst, stop)
+                    if t.eval_every_steps and run.step % t.eval_every_steps == 0 and run.step < total_steps:
+                        _validate(run, epoch)
+                    if run.step >= total_steps or _patience_spent(run):
                         break
                     # The epoch-end checkpoint, after validation, covers a periodic save falling on the last batch.
                     epoch_done = state["batch"] == batches_per_epoch
-                    if signalled or (t.save_every_steps and step % t.save_every_steps == 0 and not epoch_done):
-                        checkpoint_now()
+                    if signalled or (t.save_every_steps and run.step % t.save_every_steps == 0 and not epoch_done):
+                        _checkpoint(run)
                     if signalled:
                         interrupted = stop.requested or "a signal on another process"
                         break
@@ -605,63 +764,15 @@ def train(cfg: Config, *, model=None, processor=None, resume: bool = False, over
                     state.update(epoch=epoch + 1, batch=0)
                     # Validation at epoch ends unless it runs every N steps; every Nth epoch with eval_every_epochs.
                     if state["epoch"] < epochs and not t.eval_every_steps and state["epoch"] % t.eval_every_epochs == 0:
-                        validate(epoch)
-                    checkpoint_now()
+                        _validate(run, epoch)
+                    _checkpoint(run)
         except BaseException:
             metrics_log.close()
             raise
         finally:
-            bar.close()
-    if interrupted:
-        metrics_log.close()
-        log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
-                    interrupted, step, output)
-        accelerator.end_training()
-        return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
-                           interrupted=interrupted)
-    if patience_spent():
-        log.info("early stopping at step %d: no better %s in %d validations", step, t.best_metric,
-                 t.early_stopping_patience)
-    train_seconds = time.perf_counter() - loop_started - validation_seconds
-    if last_train is not None:
-        # The last step is always logged (early stopping can end a run between logging steps): a 15-step run that
-        # logged steps 1 and 10 only drew a learning-rate curve that seemed to rise.
-        metrics_log.write(**last_train)
-    validate(state["epoch"], final=True)
-    if t.keep_checkpoints and checkpointed_step != step:
-        checkpoint_now()  # kept checkpoints end at the last step, so --resume with more epochs goes on from there
-    metrics_log.close()
-    skipped = state["skipped"]
-    skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
-    if main:
-        if skipped:
-            log.warning("%d bad sample(s) skipped; listed in %s", len(skipped), output / "summary.json")
-        unwrapped = accelerator.unwrap_model(model)
-        for name in ("last", "best") if state["best_score"] is None else ("last",):
-            save_model(unwrapped, processor, output / name, {**settings, "step": step}, card(final_metrics, step))
-        vocab = unwrapped.config.get_text_config().vocab_size  # the caption loss's number of classes
-        run_facts = {
-            "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
-            # Pairs this run trained on (a resumed run counts from its checkpoint) over the loop's wall time.
-            "samples_per_s": round(pairs_trained / max(train_seconds, 1e-9), 2),
-            "device": str(accelerator.device), "precision": accelerator.mixed_precision,
-            "processes": accelerator.num_processes, "batch_size": batch_size,
-            "peak_memory": peak_memory(accelerator.device), "versions": library_versions(),
-            "data_git": data_commit(cfg.data.path), "label_smoothing": t.label_smoothing,
-            "loss_floor": round(loss_floor(t.label_smoothing, vocab), 4),
-        }
-        write_json(output / "summary.json", {"steps": step, "best_step": state["best_step"],
-                                             "best_score": state["best_score"], "best_metric": t.best_metric,
-                                             "final_metrics": final_metrics, "skipped_samples": skipped,
-                                             "data": data_counts, "run": run_facts})
-        write_report(output)
-        if not t.keep_checkpoints:
-            # A clean finish leaves nothing to resume: best/ and last/ hold the models, the checkpoints only weight.
-            shutil.rmtree(output / CHECKPOINTS, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return TrainResult(output=output, steps=step, best_score=state["best_score"], best_step=state["best_step"],
-                       final_metrics=final_metrics, checkpoints_kept=t.keep_checkpoints)
+            run.bar.close()
+    return _stopped(run, interrupted) if interrupted else _finish(run)
+
 
 
 def _restore_newest_intact(accelerator, output: Path) -> tuple[Path, dict]:

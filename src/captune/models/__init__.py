@@ -106,6 +106,7 @@ MODEL_TYPES = {
     "blip-2": "blip2",
     "git": "git",
     "florence2": "florence2",
+    "paligemma": "paligemma",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
@@ -118,6 +119,7 @@ KNOWN_HUB_IDS = {
     "microsoft/git-base-coco": "git",
     "microsoft/git-large-coco": "git",
     **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
+    **{f"google/paligemma-3b-{kind}-{px}": "paligemma" for kind in ("pt", "mix") for px in (224, 448)},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
@@ -126,6 +128,7 @@ PRESETS = {
     "tiny-blip2-t5": "blip2",
     "tiny-git": "git",
     "tiny-florence2": "florence2",
+    "tiny-paligemma": "paligemma",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -152,6 +155,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import florence2
 
         return florence2
+    if family == "paligemma":
+        from . import paligemma
+
+        return paligemma
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -320,6 +327,7 @@ PROCESSOR_CLASSES = {
     "Blip2Processor": "blip2",
     "GitProcessor": "git",
     "Florence2Processor": "florence2",
+    "PaliGemmaProcessor": "paligemma",
 }
 
 
@@ -367,8 +375,3 @@ def caption_counter(name: str, prompt: str):
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def counting_tokenizer(name: str = TINY):
-    """The tokenizer `captune check` counts caption tokens with: a preset's, built offline."""
-    return family_module(PRESETS[name]).preset_tokenizer(name)
