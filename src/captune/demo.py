@@ -34,8 +34,8 @@ N_TRAIN, N_VAL = 1500, 100
 # trains for DEMO_RECIPE's epochs.
 DEMO_TRAIN = {
     "tiny-blip2": {"epochs": 15},
-    "tiny-blip2-t5": {"epochs": 20},
-    "tiny-git": {"epochs": 20},
+    "tiny-blip2-t5": {"epochs": 30},
+    "tiny-git": {"epochs": 15},
 }
 
 

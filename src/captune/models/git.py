@@ -90,7 +90,8 @@ def image_processor(size: int):
 
 
 def tiny_config() -> GitConfig:
-    """A small GIT: 2-layer 64x64-px ViT (65 image tokens) and a 2-layer text decoder, the real BERT vocabulary."""
+    """A small GIT: 4-layer 64x64-px ViT (65 image tokens) and a 2-layer text decoder, the real BERT vocabulary.
+    (With a 2-layer ViT the 10-epoch demo reached held-out exact match 0.71, most misses naming the wrong shape.)"""
     vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   image_size=TINY_IMAGE_SIZE, patch_size=8, initializer_range=0.02)
     return GitConfig(vision_config=vision, vocab_size=30522, hidden_size=128, intermediate_size=256,
