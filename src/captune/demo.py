@@ -35,7 +35,7 @@ N_TRAIN, N_VAL = 1500, 100
 DEMO_TRAIN = {
     "tiny-blip2": {"epochs": 15},
     "tiny-blip2-t5": {"epochs": 30},
-    "tiny-git": {"epochs": 15},
+    "tiny-git": {"epochs": 20},
 }
 
 
