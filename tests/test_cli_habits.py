@@ -23,6 +23,17 @@ def train_args(data, out, *extra):
             *extra]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_meteor():
+    """METEOR's Java process loads its paraphrase table for ~10 s at every run's final validation (4 runs here); none
+    of these tests reads it, so it scores None here (tests/test_metrics.py covers it)."""
+    from captune import metrics
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics, "_meteor_score", lambda gts, res: None)
+        yield
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """32 training images (2 steps an epoch at batch 16) and 8 validation images."""
