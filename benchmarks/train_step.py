@@ -230,8 +230,7 @@ def run_variant(variant: str, batch_size: int, warmup: int, steps: int, smoke: b
             batch_collator = collator
         sampler = EpochSampler(len(items), 0, groups=items.groups())
         loader = DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=batch_collator)
-        optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-5,
-                                      fused=levers)
+        optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-5, fused=levers)
         # Accelerate as train.py uses it: bf16 autocast on a GPU, plain fp32 on the CPU.
         accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -12,6 +12,11 @@ from captune.model import load_model_and_processor
 from captune.train import eval_options, train
 
 
+# The claims are relative (before vs after, best/ vs its reload): scored without Java, whose tokeniser and METEOR
+# would start a JVM at each of the 7 validations (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
+
 # Each family's tiny preset at its own learning rate (its family default); Florence-2's is cheaper a step.
 @pytest.mark.parametrize("preset, epochs", [("tiny", 7), ("tiny-florence2", 7)])
 def test_loss_falls_and_held_out_exact_match_rises(tmp_path, preset, epochs):

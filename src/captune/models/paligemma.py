@@ -1,4 +1,7 @@
-"""PaliGemma (`PaliGemmaForConditionalGeneration`): the family contract of `captune.models` for PaliGemma 1 and 2.
+"""PaliGemma (`PaliGemmaForConditionalGeneration`): the family contract of `captune.models` for PaliGemma (3B).
+
+PaliGemma 2 checkpoints (the same class and model_type, Gemma-2 inside) take the same path; only PaliGemma 1 is
+tested here (its tiny preset).
 
 PaliGemma is one Gemma decoder over `[image tokens] <bos> prefix \\n suffix <eos>`: a SigLIP ViT encodes the image, a
 linear projection maps each patch into Gemma's width, and the model writes those rows over the `<image>` placeholder
