@@ -15,23 +15,16 @@ from captune.cli import TRAIN_FLAGS, build_parser, main, train_overrides
 from captune.config import Config, load_config, to_dict
 from captune.data.synthetic import make_synthetic
 
+# Every run here is in-process and none of these tests reads a Java-only score: without Java, METEOR's start at each
+# run's final validation (~60% of this file's CPU time) is skipped.
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 def train_args(data, out, *extra):
     return ["train", "--model", "tiny", "--data", str(data), "--output", str(out), "--batch-size", "16",
             "--lr", "1e-3", "--num-workers", "0", "--report-to", "none", "--set", "eval.num_beams=1",
             "--set", "eval.max_new_tokens=4", "--set", "eval.min_new_tokens=0", "--set", "eval.caption_before=false",
             *extra]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_meteor():
-    """METEOR's Java process loads its paraphrase table for ~10 s at every run's final validation (4 runs here); none
-    of these tests reads it, so it scores None here (tests/test_metrics.py covers it)."""
-    from captune import metrics
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics, "_meteor_score", lambda gts, res: None)
-        yield
 
 
 @pytest.fixture(scope="module")
