@@ -23,14 +23,8 @@ from captune.speed import disable_sdpa, enable_sdpa, quantize_int8, share_images
 
 PRESETS = ["tiny-blip2", "tiny-blip2-t5"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def no_java():
-    """Score validations with the Java-less fallback: nothing here reads a metric, and each training run's final
-    validation would otherwise start METEOR's JVM (~10 s). Parity under Java is test_metrics.py's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("captune.metrics.shutil.which", lambda name: None)
-        yield
+# Nothing here reads a metric; Java's scorer would cost each training run's validations seconds (see conftest).
+pytestmark = pytest.mark.usefixtures("no_java")
 
 
 def _images():
