@@ -22,6 +22,9 @@ from captune.generate import GenerationOptions, caption_images
 from captune.model import load_model_and_processor
 from captune.models.common import IGNORE_INDEX, mean_loss
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 PRESET = "tiny-smolvlm"
 
 
@@ -206,14 +209,10 @@ def run(data, tmp_path_factory):
     """A short tiny-smolvlm run through the CLI: 4 steps, best/ saved. Decoding forbids repeated tokens, so the
     briefly trained model writes words rather than one token over and over."""
     out = tmp_path_factory.mktemp("smolvlm") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        # The Java-less scorer: no test here reads the run's metric values, and under Java each validation would
-        # start the PTB tokeniser's JVM and the last one METEOR's.
-        patch.setattr("captune.metrics.shutil.which", lambda name: None)
-        assert main(["-q", "train", "--model", PRESET, "--data", str(data), "--output", str(out), "--epochs", "2",
-                     "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--num-workers", "0",
-                     "--report-to", "none", "--set", "eval.max_new_tokens=6", "--set", "eval.min_new_tokens=3",
-                     "--set", "eval.no_repeat_ngram_size=1"]) == 0
+    assert main(["-q", "train", "--model", PRESET, "--data", str(data), "--output", str(out), "--epochs", "2",
+                 "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2", "--num-workers", "0", "--report-to", "none",
+                 "--set", "eval.max_new_tokens=6", "--set", "eval.min_new_tokens=3",
+                 "--set", "eval.no_repeat_ngram_size=1"]) == 0
     return out
 
 
@@ -247,10 +246,8 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
     assert Captioner.load(best, device="cpu").caption([str(p) for p in images]) == ours
 
 
-def test_eval_report_and_export_work_on_a_smolvlm_run(run, data, tmp_path, monkeypatch):
+def test_eval_report_and_export_work_on_a_smolvlm_run(run, data, tmp_path):
     from transformers import Idefics3ForConditionalGeneration
-
-    monkeypatch.setattr("captune.metrics.shutil.which", lambda name: None)  # Java-less: only the keys are checked
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"][-1] == 4  # 16 pairs / (4 x 2) a step, 2 epochs
@@ -299,7 +296,7 @@ def test_a_processor_without_chat_template_or_with_the_wrong_image_seq_len_is_re
         smol.check_processor("x", model, bare)
 
 
-def test_tiny_preset_learns_the_shapes_under_its_defaults(tmp_path, monkeypatch):
+def test_tiny_preset_learns_the_shapes_under_its_defaults(tmp_path):
     """Direction, not a tuned threshold: under the preset's own defaults (lr, batch) a short run's loss falls by more
     than half and held-out exact match rises well above the untrained model's (the 0.99 of `captune demo` is in the
     README)."""
@@ -308,7 +305,6 @@ def test_tiny_preset_learns_the_shapes_under_its_defaults(tmp_path, monkeypatch)
     from captune.evaluate import evaluate
     from captune.train import eval_options, train
 
-    monkeypatch.setattr("captune.metrics.shutil.which", lambda name: None)  # Java-less scorer: relative claims only
     data = make_synthetic(tmp_path / "data", n_train=320, n_val=30, seed=7)
     cfg = load_config(None, {
         "output": str(tmp_path / "run"), "data": {"path": str(data), "num_workers": 0}, "model": {"name": PRESET},
