@@ -49,10 +49,9 @@ MODEL_CLASS = "Idefics3ForConditionalGeneration"
 TINY = "tiny-smolvlm"
 PRESETS = (TINY,)
 # "sdpa": transformers' own SDPA path for the Llama decoder and the SigLIP-style vision attention, switched per call.
-# "int8": the ViT and decoder Linears. No "beam_cache": no cross-attention (the image rows sit in the self-attention
-# cache). No "grouped": Idefics3 splits the connector's output by the number of pixel rows, so a vision output
-# repeated per caption no longer matches it.
-SPEED_LEVERS = frozenset({"sdpa", "int8"})
+# "int8": the ViT and decoder Linears. "grouped": one ViT pass per image (see `_logits`). No "beam_cache": no
+# cross-attention (the image rows sit in the self-attention cache, which beam search reorders).
+SPEED_LEVERS = frozenset({"sdpa", "int8", "grouped"})
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<end_of_utterance>"
@@ -329,9 +328,25 @@ def target_tokens(batch: dict) -> torch.Tensor:
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
-    # Idefics3 takes pixel_values as (batch, images per row, 3, S, S): one image per row here.
-    return model(pixel_values=batch["pixel_values"].unsqueeze(1), input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"]).logits
+    """The forward's logits. Idefics3 takes pixel_values as (batch, images per row, 3, S, S): one image per row.
+
+    Grouped batches (fewer images than caption rows; `speed.share_images` repeats the ViT's output rows) cannot go
+    through that path: Idefics3 splits the connector's output by the number of pixel rows it was given, which the
+    repetition no longer matches. For them the ViT and the connector run here, on the unwrapped model, and their rows
+    enter the forward as `mm_encoder_outputs`, the model's own way to take precomputed image features; the decoder
+    still runs through the (DDP, peft) wrapper, and the ViT's and connector's gradients flow back through the
+    features as in the one-call path."""
+    pixels, ids = batch["pixel_values"], batch["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    if pixels.shape[0] == ids.shape[0]:
+        return model(pixel_values=pixels.unsqueeze(1), **inputs).logits
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inner = _inner(getattr(model, "module", model)).model
+    hidden = inner.vision_model(pixel_values=pixels.to(inner.dtype)).last_hidden_state  # rows repeated by the hook
+    features = inner.connector(hidden)
+    image = BaseModelOutputWithPooling(pooler_output=[features.reshape(-1, features.shape[-1])])
+    return model(mm_encoder_outputs={"image": image}, **inputs).logits
 
 
 def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
@@ -390,9 +405,14 @@ def lora_pattern(targets: list[str], vision: bool) -> str:
     return pattern
 
 
-def vision_tower(model) -> None:
-    """None: grouped caption sampling does not apply (see SPEED_LEVERS)."""
-    return None
+def _inner(model):
+    # Under peft, `model.model` is the wrapped Idefics3ForConditionalGeneration, not its Idefics3Model.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The ViT: grouped caption sampling repeats its output rows (before the connector) per caption."""
+    return _inner(model).model.vision_model
 
 
 def int8_targets(model) -> dict[str, torch.nn.Module]:
