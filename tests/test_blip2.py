@@ -23,14 +23,8 @@ from captune.speed import disable_sdpa, enable_sdpa, quantize_int8, share_images
 
 PRESETS = ["tiny-blip2", "tiny-blip2-t5"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def no_java():
-    """Score validations with the Java-less fallback: nothing here reads a metric, and each training run's final
-    validation would otherwise start METEOR's JVM (~10 s). Parity under Java is test_metrics.py's."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("captune.metrics.shutil.which", lambda name: None)
-        yield
+# Nothing here reads a metric; Java's scorer would cost each training run's validations seconds (see conftest).
+pytestmark = pytest.mark.usefixtures("no_java")
 
 
 def _images():
@@ -328,3 +322,13 @@ def test_caption_lengths_count_the_rows_tokenize_builds(preset):
     if not model.config.is_encoder_decoder:
         rows = rows - processor.num_query_tokens
     assert lengths == rows.tolist()
+
+
+def test_the_presets_processor_works_as_users_call_it(preset):
+    """`processor(images=..., text=...)`, as the transformers docs call it, inserts one placeholder per query token.
+    Before: the preset's tokenizer carried image_token as a plain string and Blip2Processor.__call__ failed on
+    `.content`."""
+    _, model, processor, _ = preset
+    batch = processor(images=_images(), text=["a red square", "blue stripes"], return_tensors="pt", padding=True)
+    placeholders = (batch["input_ids"] == model.config.image_token_id).sum(dim=1)
+    assert placeholders.tolist() == [model.config.num_query_tokens] * 2

@@ -19,6 +19,9 @@ from captune.cli import main
 from captune.data.synthetic import make_synthetic
 from captune.model import load_model_and_processor
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 @pytest.fixture(scope="module")
 def train_only(tmp_path_factory) -> Path:

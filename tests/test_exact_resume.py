@@ -20,6 +20,9 @@ from captune.checkpoint import latest_checkpoint
 from captune.cli import main
 from captune.data.synthetic import make_synthetic
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 class StopAfter:
     """Stands in for checkpoint.StopRequests: a stop is requested once `steps` optimizer steps are done (the loop

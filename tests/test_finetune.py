@@ -18,6 +18,9 @@ from captune.finetune import apply_mode, describe_parameters, probe_batch_size
 from captune.generate import GenerationOptions, caption_images
 from captune.model import load_model_and_processor
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 def tiny():
     return load_model_and_processor("tiny", seed=0)[0]

@@ -21,6 +21,9 @@ from captune.generate import GenerationOptions, caption_images
 from captune.model import load_model_and_processor
 from captune.models.common import IGNORE_INDEX, mean_loss
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 PRESET = "tiny-florence2"
 
 

@@ -21,6 +21,9 @@ from captune.model import load_model_and_processor
 from captune.models.common import IGNORE_INDEX, mean_loss
 from captune.speed import disable_sdpa, enable_sdpa, quantize_int8, share_images
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 PRESET = "tiny-git"
 PROMPT = "a picture of"
 

@@ -17,6 +17,9 @@ from captune.cli import main
 from captune.data.synthetic import make_synthetic
 from captune.models import family_for
 
+# Every run here is in-process and no test reads a Java-only metric: scored without Java (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:

@@ -12,11 +12,9 @@ from captune.model import load_model_and_processor
 from captune.train import eval_options, train
 
 
-@pytest.fixture(autouse=True)
-def no_java(monkeypatch):
-    """Score with the Java-less fallback: the claims below are relative (before vs after, best/ vs its reload), and
-    under Java each of the 7 validations starts the PTB tokeniser's JVM and the last one METEOR's (~10 s)."""
-    monkeypatch.setattr("captune.metrics.shutil.which", lambda name: None)
+# The claims are relative (before vs after, best/ vs its reload): scored without Java, whose tokeniser and METEOR
+# would start a JVM at each of the 7 validations (see conftest's no_java).
+pytestmark = pytest.mark.usefixtures("no_java")
 
 
 # Each family's tiny preset at its own learning rate (its family default); Florence-2's is cheaper a step.

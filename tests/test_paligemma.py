@@ -235,16 +235,17 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def no_meteor():
-    """METEOR's Java scorer (10-25 s a call on the shared test machine) is family-independent and tested in
-    test_metrics.py; here it would only add its start-up to every command."""
+def no_java():
+    """Score with captune's Java-less fallback: METEOR and the PTB tokeniser's JVMs (10-25 s a call on the shared
+    test machine) are family-independent and tested in test_metrics.py; here they would only add their start-up to
+    every command (as tests/test_learning.py does)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("captune.metrics._meteor_score", lambda gts, res: 0.0)
+        patch.setattr("captune.metrics.shutil.which", lambda name: None)
         yield
 
 
 @pytest.fixture(scope="module")
-def run(data, tmp_path_factory, no_meteor):
+def run(data, tmp_path_factory, no_java):
     """A short tiny-paligemma run through the CLI: 4 steps, best/ saved. Decoding forbids repeated tokens, so the
     briefly trained model writes words rather than one token over and over."""
     out = tmp_path_factory.mktemp("paligemma") / "run"
@@ -293,7 +294,7 @@ def test_saved_best_captions_the_same_with_plain_transformers_as_captune_caption
     assert [c["caption"] for c in reply.json()["captions"]] == ours
 
 
-def test_eval_report_and_export_work_on_a_paligemma_run(run, data, tmp_path, no_meteor):
+def test_eval_report_and_export_work_on_a_paligemma_run(run, data, tmp_path, no_java):
     from transformers import PaliGemmaForConditionalGeneration
 
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -328,7 +329,7 @@ def test_lora_run_resumes_exactly_and_reloads_merged(data, tmp_path, monkeypatch
 
 
 
-def test_preset_learns_under_its_defaults(tmp_path, no_meteor):
+def test_preset_learns_under_its_defaults(tmp_path, no_java):
     """Direction, not a tuned threshold: under tiny-paligemma's own defaults (lr 1e-3, mode full) the training loss
     and the held-out (teacher-forced) validation loss fall within 18 steps. Exact match takes longer (the random
     SigLIP tells colours and shapes apart after ~300 steps): the demo's figure is in the README."""

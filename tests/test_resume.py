@@ -19,6 +19,13 @@ from captune.cli import main
 from captune.data.synthetic import make_synthetic
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+# The runs' metrics.jsonl are compared line by line across processes, so both sides score without Java (conftest's
+# no_java; under Java each validation starts a JVM and each run's last one METEOR's, ~10 s): the subprocess is
+# `python -m captune` as captune/__main__.py runs it, with the same Java-less scorer.
+pytestmark = pytest.mark.usefixtures("no_java")
+CLI_WITHOUT_JAVA = ("import shutil, sys, types, captune.metrics; "
+                    "captune.metrics.shutil = types.SimpleNamespace(**{**vars(shutil), 'which': lambda name: None}); "
+                    "from captune.cli import main; sys.exit(main())")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,7 @@ def comparable(records: list[dict]) -> list[dict]:
 
 def start_run(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SRC}
-    return subprocess.Popen([sys.executable, "-m", "captune", "-q"] + args, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", CLI_WITHOUT_JAVA, "-q"] + args, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -107,6 +107,7 @@ MODEL_TYPES = {
     "git": "git",
     "florence2": "florence2",
     "paligemma": "paligemma",
+    "idefics3": "smolvlm",
 }
 # Hub ids whose family is known without fetching their config.json: their defaults resolve offline (loading them
 # still needs the cache or the Hub).
@@ -120,6 +121,7 @@ KNOWN_HUB_IDS = {
     "microsoft/git-large-coco": "git",
     **{f"florence-community/Florence-2-{size}": "florence2" for size in ("base", "base-ft", "large", "large-ft")},
     **{f"google/paligemma-3b-{kind}-{px}": "paligemma" for kind in ("pt", "mix") for px in (224, 448)},
+    **{f"HuggingFaceTB/SmolVLM-{size}-{kind}": "smolvlm" for size in ("256M", "500M") for kind in ("Base", "Instruct")},
 }
 # Offline tiny presets (`--model tiny`) -> family module name.
 PRESETS = {
@@ -129,6 +131,7 @@ PRESETS = {
     "tiny-git": "git",
     "tiny-florence2": "florence2",
     "tiny-paligemma": "paligemma",
+    "tiny-smolvlm": "smolvlm",
 }
 SETTINGS_FILE = "captune.json"
 TINY = "tiny"
@@ -159,6 +162,10 @@ def family_module(family: str) -> types.ModuleType:
         from . import paligemma
 
         return paligemma
+    if family == "smolvlm":
+        from . import smolvlm
+
+        return smolvlm
     raise AssertionError(f"no family module {family!r}")
 
 
@@ -328,6 +335,7 @@ PROCESSOR_CLASSES = {
     "GitProcessor": "git",
     "Florence2Processor": "florence2",
     "PaliGemmaProcessor": "paligemma",
+    "Idefics3Processor": "smolvlm",
 }
 
 

@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
 
 from ..errors import CaptuneError
@@ -166,7 +167,9 @@ def tiny(name: str, seed: int = 0) -> tuple[Blip2ForConditionalGeneration, Blip2
         # constant and gives them huge, identical gradients. LAVIS draws them from N(0, initializer_range).
         torch.nn.init.normal_(model.query_tokens, std=config.qformer_config.initializer_range)
     _eager(model)
-    tokenizer.image_token = IMAGE_TOKEN  # Blip2Processor reuses it instead of adding another <image>
+    # Blip2Processor reuses it instead of adding another <image>; an AddedToken, as Blip2Processor makes its own,
+    # because its __call__ reads `.content` (a plain string broke processor(images=..., text=...)).
+    tokenizer.image_token = AddedToken(IMAGE_TOKEN, normalized=False, special=True)
     processor = Blip2Processor(image_processor=image_processor(TINY_IMAGE_SIZE), tokenizer=tokenizer,
                                num_query_tokens=config.num_query_tokens)
     return model, processor
