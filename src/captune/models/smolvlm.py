@@ -153,16 +153,21 @@ def tiny_config(processor) -> Idefics3Config:
                           scale_factor=TINY_SCALE, pad_token_id=tokenizer.pad_token_id)
 
 
-def full_size_config(vocab_size: int = 49280, image_token_id: int = 49190) -> Idefics3Config:
-    """The architecture of HuggingFaceTB/SmolVLM-256M-Instruct as its model card describes it (SigLIP base-patch16 at
-    512 px, pixel shuffle 4: 64 image tokens; SmolLM2-135M: 30 layers, 576 wide, 9 heads, 3 key/value heads), for
-    random-weight benchmarks and parameter arithmetic; nothing is downloaded, so the vocabulary size and image token
-    id are parameters (the values given are SmolVLM's)."""
+# SmolVLM's decoders (SmolLM2-135M, -360M): width, MLP width, layers, heads, key/value heads.
+_DECODERS = {"256M": (576, 1536, 30, 9, 3), "500M": (960, 2560, 32, 15, 5)}
+
+
+def full_size_config(size: str = "256M", vocab_size: int = 49280, image_token_id: int = 49190) -> Idefics3Config:
+    """The architecture of HuggingFaceTB/SmolVLM-{size}-Instruct as its model card describes it (SigLIP base-patch16
+    at 512 px, pixel shuffle 4: 64 image tokens a tile; SmolLM2-135M or -360M, untied LM head), for random-weight
+    benchmarks and parameter arithmetic (256.5 M / 507.5 M parameters, counted on the meta device); nothing is
+    downloaded, so the vocabulary size and image token id are parameters (the values given are SmolVLM's)."""
+    width, mlp, layers, heads, kv_heads = _DECODERS[size]
     vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   image_size=512, patch_size=16)
-    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=576, intermediate_size=1536,
-                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                rope_theta=100000.0, tie_word_embeddings=False)
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=width, intermediate_size=mlp,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=False)
     return Idefics3Config(vision_config=vision, text_config=text, image_token_id=image_token_id, scale_factor=4)
 
 
