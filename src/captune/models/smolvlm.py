@@ -305,7 +305,8 @@ def tokenize(processor, captions: list[str], *, prompt: str, max_tokens: int) ->
     head = prompt_ids(processor, prompt)
     replies = [r if len(r) <= max_tokens else r[:max_tokens - 1] + r[-1:] for r in reply_ids(processor, prompt, captions)]
     width = len(head) + max(len(r) for r in replies)
-    input_ids = torch.full((len(captions), width), tokenizer.pad_token_id, dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(processor)
+    input_ids = torch.full((len(captions), width), pad, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, reply in enumerate(replies):
@@ -324,8 +325,15 @@ def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
 
 
 def start_token_id(processor) -> int:
-    """<|im_start|>: the first token of every row, in training and in generate()'s prompt."""
-    return processor.tokenizer.bos_token_id
+    """The template's first token (<|im_start|> for SmolVLM), read off the prompt itself rather than the tokenizer's
+    bos setting: the first token of every row, in training and in generate()'s prompt."""
+    return prompt_ids(processor, "")[0]
+
+
+def end_of_turn_id(processor) -> int:
+    """<end_of_utterance>: where every reply ends, so where generate() stops (passed explicitly: a checkpoint's
+    generation config may name another eos)."""
+    return processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
 
 def target_tokens(batch: dict) -> torch.Tensor:
@@ -382,7 +390,8 @@ def generate(model, processor, pixel_values: torch.Tensor, options) -> list[str]
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype).unsqueeze(1)
     inputs = {k: v.to(parameter.device) for k, v in
               generation_inputs(processor, pixel_values.shape[0], options.prompt).items()}
-    output = model.generate(pixel_values=pixel_values, **inputs, **options.generate_kwargs())
+    output = model.generate(pixel_values=pixel_values, **inputs, eos_token_id=end_of_turn_id(processor),
+                            **options.generate_kwargs())
     output = output[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
@@ -469,6 +478,7 @@ image = Image.open("photo.jpg").convert("RGB")
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {instruction_of(prompt)!r}}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[[image]], text=[text], return_tensors="pt")
-output = model.generate(**inputs{kwargs})
+end_of_turn = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")  # the reply ends there
+output = model.generate(**inputs, eos_token_id=end_of_turn{kwargs})
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 ```"""
