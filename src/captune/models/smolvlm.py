@@ -56,8 +56,9 @@ DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<end_of_utterance>"
 BOS = "<|im_start|>"
-# SmolVLM-Instruct's chat template (its chat_template.json), verbatim: role, ":" (": " before text), the content,
-# <end_of_utterance>, "\n"; the generation prompt is "Assistant:".
+# The tiny preset's chat template, written as SmolVLM-Instruct's chat_template.json writes turns (role, ":" or ": "
+# before text, the content, <end_of_utterance>, "\n"; generation prompt "Assistant:"), reproduced here without the
+# Hub to compare against. A real checkpoint's rows come from its own saved template, not from this one.
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
