@@ -321,3 +321,22 @@ def test_tiny_preset_learns_the_shapes_under_its_defaults(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     assert before.metrics["exact_match"] <= 0.05
     assert after.metrics["exact_match"] >= before.metrics["exact_match"] + 0.2, after.metrics
+
+
+def test_check_counts_reply_tokens_against_the_long_caption_default(tmp_path, capsys):
+    """`captune check` counts what `max_caption_tokens` limits for this family (the reply and its end-of-turn
+    token): the 320-token default holds a 150-word description, 10 tokens would truncate it."""
+    long = " ".join(["a man in a red shirt is riding a bike down the street next to a large white building"] * 8
+                    + ["while two dogs are playing in the grass near a tree"] * 2)
+    assert 140 <= len(long.split()) <= 200
+    data = make_synthetic(tmp_path / "data", n_train=4, n_val=1)
+    rows = (data / "train" / "metadata.jsonl").read_text().splitlines()
+    rows[0] = json.dumps({"file_name": json.loads(rows[0])["file_name"], "text": long})
+    (data / "train" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["check", str(data), "--model", PRESET, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["caption_tokens"]
+    assert report["max_caption_tokens"] == 320 and report["truncated"] == 0
+    assert report["max"] == len(models.family_module("smolvlm").preset_tokenizer(PRESET)(
+        f" {long}<end_of_utterance>", add_special_tokens=False)["input_ids"]) > 100
+    assert main(["check", str(data), "--model", PRESET, "--max-caption-tokens", "10"]) == 0
+    assert "1 over max_caption_tokens=10 (tiny-smolvlm's tokens; training truncates them)" in capsys.readouterr().out
