@@ -67,6 +67,7 @@ FAMILIES = {
     "git": ("microsoft/git-base", "tiny-git"),
     "florence2": ("florence-community/Florence-2-base", "tiny-florence2"),
     "paligemma": ("google/paligemma-3b-pt-224", "tiny-paligemma"),
+    "smolvlm": ("HuggingFaceTB/SmolVLM-256M-Instruct", "tiny-smolvlm"),
 }
 
 
@@ -125,6 +126,8 @@ def build_family(name: str, smoke: bool, seed: int = 0, device: str | torch.devi
             processor = GitProcessor(image_processor=family.image_processor(224), tokenizer=family.git_tokenizer())
         elif name == "paligemma":
             model, processor = _paligemma_full_size(family)
+        elif name == "smolvlm":
+            model, processor = _smolvlm_full_size(family)
         else:
             from transformers import Florence2ForConditionalGeneration, Florence2Processor
 
@@ -153,6 +156,22 @@ def _paligemma_full_size(family):
     seq_length = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     processor = PaliGemmaProcessor(image_processor=family.image_processor(224, seq_length), tokenizer=tokenizer)
     return model, processor
+
+
+def _smolvlm_full_size(family):
+    """SmolVLM-256M (`smolvlm.full_size_config`: SigLIP base-patch16 at 512 px, pixel shuffle 4, SmolLM2-135M) with
+    the preset's offline tokenizer: special-token ids are the tokenizer's, sizes (the 49,280-token vocabulary
+    included) the checkpoint's; one 512-px tile (64 image tokens) per image, as captune loads SmolVLM."""
+    from transformers import Idefics3ForConditionalGeneration, Idefics3Processor
+
+    tokenizer = family.tiny_tokenizer()
+    processor = Idefics3Processor(image_processor=family.image_processor(512), tokenizer=tokenizer, image_seq_len=64,
+                                  chat_template=family.CHAT_TEMPLATE)
+    config = family.full_size_config(image_token_id=processor.image_token_id)
+    text = config.text_config
+    text.pad_token_id, text.bos_token_id, text.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                               tokenizer.eos_token_id)
+    return Idefics3ForConditionalGeneration(config), processor
 
 
 def _blip2_full_size(name: str, preset: str, family):

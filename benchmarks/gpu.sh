@@ -35,9 +35,9 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --model)
       case "${2:-}" in
-        blip|blip2|blip2-t5|git|florence2|paligemma) MODELS+=("$2"); shift 2 ;;
-        *) echo "gpu.sh: --model ${2:-(missing)} is not a family; use blip, blip2, blip2-t5, git, florence2 or" \
-             "paligemma" >&2
+        blip|blip2|blip2-t5|git|florence2|paligemma|smolvlm) MODELS+=("$2"); shift 2 ;;
+        *) echo "gpu.sh: --model ${2:-(missing)} is not a family; use blip, blip2, blip2-t5, git, florence2, paligemma or" \
+             "smolvlm" >&2
            exit 2 ;;
       esac ;;
     --smoke) SMOKE=(--smoke); BENCH_ARGS+=(--smoke); shift ;;
@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 ALL_FAMILIES=(${MODELS[@]+"${MODELS[@]}"})
-[ ${#ALL_FAMILIES[@]} -gt 0 ] || ALL_FAMILIES=(blip blip2 blip2-t5 git florence2 paligemma)
+[ ${#ALL_FAMILIES[@]} -gt 0 ] || ALL_FAMILIES=(blip blip2 blip2-t5 git florence2 paligemma smolvlm)
 FAILED=()
 
 # section NAME SECONDS COMMAND...: run COMMAND under a hard cap; a failure or a timeout is reported, not fatal.

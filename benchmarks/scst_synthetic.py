@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from captune.config import load_config  # noqa: E402
-from captune.data.synthetic import draw_scene  # noqa: E402
+from captune.data.synthetic import make_synthetic  # noqa: E402
 from captune.train import train  # noqa: E402
 
 GENERIC = ("a picture of shapes", "a drawing of shapes", "a picture of some shapes")
@@ -39,19 +38,7 @@ GENERIC = ("a picture of shapes", "a drawing of shapes", "a picture of some shap
 
 def make_task(root: Path, n_train: int, n_val: int, seed: int, specific: int = 2) -> Path:
     """Write the imagefolder (train/, validation/): each image's caption `specific` times, then GENERIC."""
-    for split, count, stream in (("train", n_train, 0), ("validation", n_val, 1)):
-        rng = random.Random(f"{seed}-{stream}")
-        folder = root / split
-        folder.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in range(count):
-            image, caption = draw_scene(rng)
-            name = f"{split}_{i:05d}.png"
-            image.save(folder / name)
-            captions = [caption] * specific + list(GENERIC)
-            lines.append(json.dumps({"file_name": name, "text": captions}))
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+    return make_synthetic(root, n_train, n_val, seed, caption_copies=specific, generic_captions=GENERIC)
 
 
 def stage(output: Path, data: Path, model: str, steps: int, seed: int, lr: float, objective: str, batch_size: int,
@@ -71,14 +58,20 @@ def stage(output: Path, data: Path, model: str, steps: int, seed: int, lr: float
 
 
 def run(output: Path, *, seed: int, n_train: int, n_val: int, ce_steps: int, steps: int, ce_lr: float, lr: float,
-        scst_lr: float, batch_size: int, scst_batch_size: int, samples: int) -> dict:
+        scst_lr: float, batch_size: int, scst_batch_size: int, samples: int, validate_at_end_only: bool = False) -> dict:
+    """The three stages; tests/test_scst_direction.py runs a small version (`validate_at_end_only`: one validation
+    per stage, the held-out score compared, instead of one per epoch as well)."""
     data = make_task(output / "data", n_train, n_val, seed)
     results = {"seed": seed, "n_train": n_train, "n_val": n_val, "ce_steps": ce_steps, "steps": steps,
                "samples": samples}
-    results["ce"] = stage(output / "ce", data, "tiny", ce_steps, seed, ce_lr, "ce", batch_size, samples)
+    results["ce"] = stage(output / "ce", data, "tiny", ce_steps, seed, ce_lr, "ce", batch_size, samples,
+                          eval_every=ce_steps if validate_at_end_only else 0)
     start = str(output / "ce" / "last")
-    results["ce_more"] = stage(output / "ce_more", data, start, steps, seed, lr, "ce", batch_size, samples)
-    results["scst"] = stage(output / "scst", data, start, steps, seed, scst_lr, "scst", scst_batch_size, samples)
+    stage_two = steps if validate_at_end_only else 0
+    results["ce_more"] = stage(output / "ce_more", data, start, steps, seed, lr, "ce", batch_size, samples,
+                               eval_every=stage_two)
+    results["scst"] = stage(output / "scst", data, start, steps, seed, scst_lr, "scst", scst_batch_size, samples,
+                            eval_every=stage_two)
     return results
 
 

@@ -76,13 +76,16 @@ VARIANTS = ("notebook", "transformers", "captune-eager", "captune", "captune-com
 # How a plain script freezes a family's vision tower, and the LoRA targets it names: the same modules captune's
 # family code picks (each row's trainable parameter count shows it).
 PLAIN_VISION = {"blip": "vision_model", "blip2": "vision_model", "blip2-t5": "vision_model",
-                "git": "git.image_encoder", "florence2": "model.vision_tower", "paligemma": "model.vision_tower"}
+                "git": "git.image_encoder", "florence2": "model.vision_tower", "paligemma": "model.vision_tower",
+                "smolvlm": "model.vision_model"}
 PLAIN_LORA_TARGETS = {"blip": ["query", "value"], "blip2": ["q_proj", "v_proj"], "blip2-t5": ["q", "v"],
                       "git": ["query", "value"], "florence2": ["q_proj", "v_proj"],
                       # Gemma's attention alone: the bare names would also adapt SigLIP's q/k/v_proj.
-                      "paligemma": r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"}
+                      "paligemma": r".*language_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+                      "smolvlm": r".*text_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"}
 FLORENCE_TASK = "<CAPTION>"
 PALIGEMMA_PREFIX = "caption en"
+SMOLVLM_INSTRUCTION = "Describe this image in one sentence."
 
 
 class NotebookDataset(Dataset):
@@ -129,6 +132,15 @@ def plain_collate(model_name: str, processor):
             # token_type_ids the forward needs for its bidirectional prefix (so they are kept, unlike GIT's).
             text = ["<image>" + PALIGEMMA_PREFIX] * len(images)
             return dict(processor(images=images, text=text, suffix=captions, padding=True, return_tensors="pt"))
+        if model_name == "smolvlm":
+            # The chat template over the whole conversation, labels = input_ids with padding and the image tokens
+            # -100, as a plain fine-tuning script masks them; the processor expects one image list per row.
+            text = [processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": SMOLVLM_INSTRUCTION}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": c}]}]) for c in captions]
+            inputs = dict(processor(images=[[i] for i in images], text=text, padding=True, return_tensors="pt"))
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+            return {**inputs, "labels": labels.masked_fill(inputs["input_ids"] == processor.image_token_id, -100)}
         if model_name in ("florence2", "blip2-t5"):  # encoder-decoders: the caption is the decoder's target
             prompt = FLORENCE_TASK if model_name == "florence2" else ""
             inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")

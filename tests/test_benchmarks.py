@@ -71,7 +71,7 @@ def test_gpu_sh_smoke(tmp_path):
     # Every family: captune's loop and the plain transformers loop both ran, in the family's default mode, and
     # trained exactly the same parameters (the comparison is fair).
     rows = _by_model(tmp_path / "train_step_families.json")
-    assert sorted(rows) == ["blip", "blip2", "blip2-t5", "florence2", "git", "paligemma"]
+    assert sorted(rows) == ["blip", "blip2", "blip2-t5", "florence2", "git", "paligemma", "smolvlm"]
     for model, variants in rows.items():
         assert {"transformers", "captune"} <= set(variants), model
         plain, ours = variants["transformers"], variants["captune"]

@@ -15,6 +15,10 @@ from captune.cli import TRAIN_FLAGS, build_parser, main, train_overrides
 from captune.config import Config, load_config, to_dict
 from captune.data.synthetic import make_synthetic
 
+# Every run here is in-process and none of these tests reads a Java-only score: without Java, METEOR's start at each
+# run's final validation (~60% of this file's CPU time) is skipped.
+pytestmark = pytest.mark.usefixtures("no_java")
+
 
 def train_args(data, out, *extra):
     return ["train", "--model", "tiny", "--data", str(data), "--output", str(out), "--batch-size", "16",

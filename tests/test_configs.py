@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captune.config import DataConfig, load_config
-from captune.demo import DEMO_RECIPE
+from captune.config import DataConfig, load_config, resolve_defaults
+from captune.demo import DEMO_RECIPE, DEMO_TRAIN, demo_recipe
+from captune.errors import CaptuneError
+from captune.models import PRESETS, TINY, family_for
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
@@ -38,6 +40,26 @@ def test_recipe_loads_and_starts_with_its_launch_command(path):
 def test_tiny_recipe_is_the_demo_recipe():
     values = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
     assert load_config(None, values) == load_config(None, DEMO_RECIPE)
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != TINY])
+def test_demo_recipe_of_another_preset_is_its_family_defaults_plus_its_row(preset):
+    # A row naming no preset would be silently ignored: every row must be one.
+    assert set(DEMO_TRAIN) <= set(PRESETS) - {TINY}
+    row = DEMO_TRAIN.get(preset, {})
+    defaults = family_for(preset).defaults(preset)
+    cfg = resolve_defaults(load_config(None, demo_recipe(preset)), defaults)
+    assert cfg.model.name == preset
+    assert cfg.train.epochs == row.get("epochs", DEMO_RECIPE["train"]["epochs"])
+    # BLIP's tiny lr and batch size never leak into another family's demo: its own defaults (or its row) apply.
+    assert cfg.train.lr == row.get("lr", defaults["train.lr"])
+    assert cfg.train.batch_size == row.get("batch_size", defaults["train.batch_size"])
+    assert cfg.eval.num_beams == DEMO_RECIPE["eval"]["num_beams"]
+
+
+def test_demo_refuses_a_model_that_is_not_a_tiny_preset():
+    with pytest.raises(CaptuneError, match="offline tiny preset"):
+        demo_recipe("Salesforce/blip-image-captioning-base")
 
 
 def test_coco_karpathy_recipe_is_the_papers():

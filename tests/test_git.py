@@ -153,7 +153,7 @@ def test_speed_levers_keep_the_numbers(git):
     with torch.no_grad():
         eager_loss = mean_loss(git, model, batch)
         eager = git.generate(model, processor, batch["pixel_values"], options)
-        assert enable_sdpa(model) == 4  # 2 decoder self-attentions + 2 image-encoder attentions
+        assert enable_sdpa(model) == 6  # 2 decoder self-attentions + 4 image-encoder attentions
         assert torch.allclose(mean_loss(git, model, batch), eager_loss, atol=1e-5)
         assert git.generate(model, processor, batch["pixel_values"], options) == eager
         # Grouped sampling: each image once, its encoder rows repeated per caption, same loss as repeated images.

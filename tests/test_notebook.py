@@ -237,10 +237,9 @@ def test_doc_install_command_resolves_offline(tmp_path):
     assert git_status() == before
 
 
-def test_notebook_install_cell_installs_the_clone(tmp_path):
-    """The install cell's clone branch, as a kernel without captune runs it: `pip install -e REPO[notebook]`."""
-    source = {cell.id: cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4))}["install"]
-    # captune is installed here, so pretend it is not, and keep pip to the offline dry run.
+def run_install_cell(source: str, cwd: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run the notebook's install cell as a kernel without captune would: captune is installed here, so the cell is
+    told it is not, and its pip command runs as the offline dry run."""
     prelude = textwrap.dedent(f"""
         import importlib.util, subprocess
         find_spec = importlib.util.find_spec
@@ -251,12 +250,30 @@ def test_notebook_install_cell_installs_the_clone(tmp_path):
             return run([*args, *{PIP_OFFLINE.split()!r}], **kwargs)
         subprocess.run = dry_run
     """)
-    before = git_status()
-    done = subprocess.run([sys.executable, "-c", prelude + source], cwd=REPO / "notebooks", env=shell_env(tmp_path),
+    done = subprocess.run([sys.executable, "-c", prelude + source], cwd=cwd, env=shell_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"'-e', '{REPO}[notebook]']" in done.stdout and "\ncaptune " in done.stdout, done.stdout
+    assert "\ncaptune " in done.stdout, done.stdout  # and the cell's `import captune` then worked
+    return done
+
+
+def test_notebook_install_cell_installs_the_clone_or_the_git_url(tmp_path):
+    """Both branches of the install cell: from a clone `pip install -e REPO[notebook]`; elsewhere (Colab) with
+    CAPTUNE_GIT_URL set, `pip install "captune[notebook] @ git+URL"`, here with this clone's file:// URL (pip clones
+    it: its committed state)."""
+    source = {cell.id: cell.source for cell in code_cells(nbformat.read(NOTEBOOK, as_version=4))}["install"]
+    before = git_status()
+    done = run_install_cell(source, REPO / "notebooks", tmp_path)
+    assert f"'-e', '{REPO}[notebook]']" in done.stdout, done.stdout
     assert git_status() == before
+    if before is None:
+        return  # not a git checkout: no URL to install from
+    assert source.count('CAPTUNE_GIT_URL = ""') == 1
+    elsewhere = tmp_path / "colab"  # not a clone: no pyproject.toml above it
+    elsewhere.mkdir()
+    done = run_install_cell(source.replace('CAPTUNE_GIT_URL = ""', f'CAPTUNE_GIT_URL = "file://{REPO}"'), elsewhere,
+                            tmp_path)
+    assert f"'captune[notebook] @ git+file://{REPO}'" in done.stdout, done.stdout
 
 
 def test_doc_jupyter_lab_command_serves_the_notebook(tmp_path):

@@ -185,7 +185,7 @@ def test_every_family_scores_sampled_captions_over_its_loss_positions(preset):
     assert nll.sum().item() == pytest.approx(total.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("preset", ["tiny-git", "tiny-florence2", "tiny-paligemma"])
+@pytest.mark.parametrize("preset", ["tiny-git", "tiny-florence2", "tiny-paligemma", "tiny-smolvlm"])
 def test_scst_trains_other_families(preset, data_dir, tmp_path):
     run = tmp_path / "run"
     args = [a if a != "tiny" else preset for a in scst_args(data_dir, run, "--max-steps", "1")]

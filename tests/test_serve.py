@@ -90,7 +90,7 @@ def test_caption_several_images_matches_python_api(client, tiny_model_dir):
     assert [c["caption"] for c in body["captions"]] == local.caption([png_bytes(), jpeg], num_beams=2)
 
 
-@pytest.mark.parametrize("preset, family", [("tiny-blip2", "blip-2"), ("tiny-git", "git")])
+@pytest.mark.parametrize("preset, family", [("tiny-blip2", "blip-2"), ("tiny-git", "git"), ("tiny-smolvlm", "idefics3")])
 def test_other_families_serve_what_the_python_api_captions(preset, family):
     """BLIP-2 and GIT behind the same app (in-process, no socket: the HTTP layer is BLIP's, tested above): /health
     names the family, and two uploads of different formats and sizes, batched in one request with beam search, get

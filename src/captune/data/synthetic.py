@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -49,13 +50,23 @@ def draw_scene(rng: random.Random, size: int = 64) -> tuple[Image.Image, str]:
     return image, caption_for(count, colour, shape)
 
 
-def make_synthetic(root: str | Path, n_train: int = 1500, n_val: int = 100, seed: int = 0, size: int = 64) -> Path:
+def make_synthetic(root: str | Path, n_train: int = 1500, n_val: int = 100, seed: int = 0, size: int = 64, *,
+                   caption_copies: int = 1, generic_captions: Sequence[str] = ()) -> Path:
     """Write the synthetic imagefolder under `root` (train/ and validation/) and return `root`.
 
     Idempotent: an existing, complete folder with the same parameters is reused.
+
+    Args:
+        caption_copies, generic_captions: each image's references are its own caption `caption_copies` times, then
+            every caption of `generic_captions` (captions that fit any image, as real caption sets mix informative
+            and uninformative ones: benchmarks/scst_synthetic.py builds its task where cross-entropy plateaus so).
+            By default one reference, the image's caption.
     """
     root = Path(root)
     stamp = {"n_train": n_train, "n_val": n_val, "seed": seed, "size": size, "version": 1}
+    several = caption_copies != 1 or bool(generic_captions)
+    if several:  # only then, so that folders written before these options existed are still reused
+        stamp.update(caption_copies=caption_copies, generic_captions=list(generic_captions))
     stamp_file = root / "synthetic.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         return root
@@ -68,7 +79,8 @@ def make_synthetic(root: str | Path, n_train: int = 1500, n_val: int = 100, seed
             image, caption = draw_scene(rng, size)
             name = f"{split}_{i:05d}.png"
             image.save(folder / name)
-            lines.append(json.dumps({"file_name": name, "text": caption}))
+            text = [caption] * caption_copies + list(generic_captions) if several else caption
+            lines.append(json.dumps({"file_name": name, "text": text}))
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     # Written last: a folder interrupted mid-way is regenerated next time rather than trusted.
     stamp_file.write_text(json.dumps(stamp))

@@ -123,8 +123,11 @@ def tiny_config(name: str, tokenizer) -> Blip2Config:
                    cross_attention_frequency=1, encoder_hidden_size=128, max_position_embeddings=64)
     specials = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if name == TINY_T5:
+        # No tie_word_embeddings=False (Flan-T5's): transformers 5 ties T5's output layer to its N(0, 1) embeddings
+        # anyway, and only the original T5's d_model**-0.5 output scaling keeps a random model's first loss near
+        # log(vocab) (~8) instead of 64; the demo then reached 0.83 held-out exact match instead of 0.34 (README).
         text = T5Config(vocab_size=len(tokenizer), d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2,
-                        num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                        num_heads=4, feed_forward_proj="gated-gelu",
                         decoder_start_token_id=tokenizer.pad_token_id, **specials)
     else:
         newline = tokenizer(END_OF_CAPTION, add_special_tokens=False)["input_ids"]

@@ -10,8 +10,8 @@ The caption objective as GIT's own loss computes it:
                 caption from it (config.bos_token_id), so training starts there too. No image placeholder tokens
                 appear in `input_ids`: the image rows are added by the model.
     labels      input_ids with padding, [CLS] and the prompt set to -100; aligned with input_ids (unshifted).
-    logits      (batch, image tokens + text tokens, vocab): only the text part predicts; `loss_sum` drops the first
-                `logits.shape[1] - input_ids.shape[1]` rows (the image tokens) and shifts once, exactly as
+    logits      (batch, image tokens + text tokens, vocab): only the text part predicts; `loss_sum` asks for the
+                last `input_ids.shape[1]` rows alone (`logits_to_keep`) and shifts once, exactly as
                 `GitForCausalLM.forward` does with `labels` (`logits[:, num_image_tokens:-1]` against `labels[:, 1:]`).
     token_type_ids  the BERT tokenizer returns them and `generate()` refuses them: `tokenize` never passes them on.
 """
@@ -90,8 +90,9 @@ def image_processor(size: int):
 
 
 def tiny_config() -> GitConfig:
-    """A small GIT: 2-layer 64x64-px ViT (65 image tokens) and a 2-layer text decoder, the real BERT vocabulary."""
-    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    """A small GIT: 4-layer 64x64-px ViT (65 image tokens) and a 2-layer text decoder, the real BERT vocabulary.
+    (With a 2-layer ViT the 10-epoch demo reached held-out exact match 0.71, most misses naming the wrong shape.)"""
+    vision = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                   image_size=TINY_IMAGE_SIZE, patch_size=8, initializer_range=0.02)
     return GitConfig(vision_config=vision, vocab_size=30522, hidden_size=128, intermediate_size=256,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, initializer_range=0.02,
@@ -168,21 +169,25 @@ def target_tokens(batch: dict) -> torch.Tensor:
 
 
 def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
-    """Summed next-token cross entropy over the text positions; the image rows GIT prepends to the logits are cut
-    off first (their count is the logits' length minus the text's), then text logits at t predict label t + 1."""
-    input_ids = batch["input_ids"]
-    logits = model(pixel_values=batch["pixel_values"], input_ids=input_ids,
-                   attention_mask=batch["attention_mask"]).logits
-    text_logits = logits[:, logits.shape[1] - input_ids.shape[1]:]
-    return caption_loss_sum(text_logits, batch["labels"], label_smoothing)
+    """Summed next-token cross entropy over the text positions (the image rows GIT prepends are never projected
+    onto the vocabulary, see `_text_logits`); text logits at t predict label t + 1."""
+    return caption_loss_sum(_text_logits(model, batch), batch["labels"], label_smoothing)
 
 
 def sequence_nll(model, batch: dict) -> torch.Tensor:
-    """-log p per row over `loss_sum`'s positions (image rows cut off first, see `loss_sum`)."""
+    """-log p per row over `loss_sum`'s positions (text rows only, see `_text_logits`)."""
+    return caption_sequence_nll(_text_logits(model, batch), batch["labels"])
+
+
+def _text_logits(model, batch: dict) -> torch.Tensor:
+    """(rows, text positions, vocab): the logits of the text positions only. `logits_to_keep` projects just the last
+    input_ids-length rows onto the vocabulary: the image rows' logits would be cut off anyway, and with BERT's 30,522
+    tokens they cost most of a tiny GIT's step (65 image rows against ~6 text rows: 0.55 -> 0.16 CPU-s a batch of
+    16)."""
     input_ids = batch["input_ids"]
-    logits = model(pixel_values=batch["pixel_values"], input_ids=input_ids,
-                   attention_mask=batch["attention_mask"]).logits
-    return caption_sequence_nll(logits[:, logits.shape[1] - input_ids.shape[1]:], batch["labels"])
+    logits = model(pixel_values=batch["pixel_values"], input_ids=input_ids, attention_mask=batch["attention_mask"],
+                   logits_to_keep=input_ids.shape[1]).logits
+    return logits[:, logits.shape[1] - input_ids.shape[1]:]  # already text-only; kept for a model that ignores it
 
 
 @torch.inference_mode()

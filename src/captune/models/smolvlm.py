@@ -49,16 +49,16 @@ MODEL_CLASS = "Idefics3ForConditionalGeneration"
 TINY = "tiny-smolvlm"
 PRESETS = (TINY,)
 # "sdpa": transformers' own SDPA path for the Llama decoder and the SigLIP-style vision attention, switched per call.
-# "int8": the ViT and decoder Linears. No "beam_cache": no cross-attention (the image rows sit in the self-attention
-# cache). No "grouped": Idefics3 splits the connector's output by the number of pixel rows, so a vision output
-# repeated per caption no longer matches it.
-SPEED_LEVERS = frozenset({"sdpa", "int8"})
+# "int8": the ViT and decoder Linears. "grouped": one ViT pass per image (see `_logits`). No "beam_cache": no
+# cross-attention (the image rows sit in the self-attention cache, which beam search reorders).
+SPEED_LEVERS = frozenset({"sdpa", "int8", "grouped"})
 DEFAULT_INSTRUCTION = "Describe this image in one sentence."
 IMAGE_TOKEN = "<image>"
 END_OF_TURN = "<end_of_utterance>"
 BOS = "<|im_start|>"
-# SmolVLM-Instruct's chat template (its chat_template.json), verbatim: role, ":" (": " before text), the content,
-# <end_of_utterance>, "\n"; the generation prompt is "Assistant:".
+# The tiny preset's chat template, written as SmolVLM-Instruct's chat_template.json writes turns (role, ":" or ": "
+# before text, the content, <end_of_utterance>, "\n"; generation prompt "Assistant:"), reproduced here without the
+# Hub to compare against. A real checkpoint's rows come from its own saved template, not from this one.
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
@@ -154,16 +154,21 @@ def tiny_config(processor) -> Idefics3Config:
                           scale_factor=TINY_SCALE, pad_token_id=tokenizer.pad_token_id)
 
 
-def full_size_config(vocab_size: int = 49280, image_token_id: int = 49190) -> Idefics3Config:
-    """The architecture of HuggingFaceTB/SmolVLM-256M-Instruct as its model card describes it (SigLIP base-patch16 at
-    512 px, pixel shuffle 4: 64 image tokens; SmolLM2-135M: 30 layers, 576 wide, 9 heads, 3 key/value heads), for
-    random-weight benchmarks and parameter arithmetic; nothing is downloaded, so the vocabulary size and image token
-    id are parameters (the values given are SmolVLM's)."""
+# SmolVLM's decoders (SmolLM2-135M, -360M): width, MLP width, layers, heads, key/value heads.
+_DECODERS = {"256M": (576, 1536, 30, 9, 3), "500M": (960, 2560, 32, 15, 5)}
+
+
+def full_size_config(size: str = "256M", vocab_size: int = 49280, image_token_id: int = 49190) -> Idefics3Config:
+    """The architecture of HuggingFaceTB/SmolVLM-{size}-Instruct as its model card describes it (SigLIP base-patch16
+    at 512 px, pixel shuffle 4: 64 image tokens a tile; SmolLM2-135M or -360M, untied LM head), for random-weight
+    benchmarks and parameter arithmetic (256.5 M / 507.5 M parameters, counted on the meta device); nothing is
+    downloaded, so the vocabulary size and image token id are parameters (the values given are SmolVLM's)."""
+    width, mlp, layers, heads, kv_heads = _DECODERS[size]
     vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   image_size=512, patch_size=16)
-    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=576, intermediate_size=1536,
-                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                rope_theta=100000.0, tie_word_embeddings=False)
+    text = dict(model_type="llama", vocab_size=vocab_size, hidden_size=width, intermediate_size=mlp,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=False)
     return Idefics3Config(vision_config=vision, text_config=text, image_token_id=image_token_id, scale_factor=4)
 
 
@@ -301,7 +306,8 @@ def tokenize(processor, captions: list[str], *, prompt: str, max_tokens: int) ->
     head = prompt_ids(processor, prompt)
     replies = [r if len(r) <= max_tokens else r[:max_tokens - 1] + r[-1:] for r in reply_ids(processor, prompt, captions)]
     width = len(head) + max(len(r) for r in replies)
-    input_ids = torch.full((len(captions), width), tokenizer.pad_token_id, dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(processor)
+    input_ids = torch.full((len(captions), width), pad, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, reply in enumerate(replies):
@@ -320,8 +326,15 @@ def caption_lengths(tokenizer, captions: list[str], prompt: str) -> list[int]:
 
 
 def start_token_id(processor) -> int:
-    """<|im_start|>: the first token of every row, in training and in generate()'s prompt."""
-    return processor.tokenizer.bos_token_id
+    """The template's first token (<|im_start|> for SmolVLM), read off the prompt itself rather than the tokenizer's
+    bos setting: the first token of every row, in training and in generate()'s prompt."""
+    return prompt_ids(processor, "")[0]
+
+
+def end_of_turn_id(processor) -> int:
+    """<end_of_utterance>: where every reply ends, so where generate() stops (passed explicitly: a checkpoint's
+    generation config may name another eos)."""
+    return processor.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
 
 def target_tokens(batch: dict) -> torch.Tensor:
@@ -329,9 +342,25 @@ def target_tokens(batch: dict) -> torch.Tensor:
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
-    # Idefics3 takes pixel_values as (batch, images per row, 3, S, S): one image per row here.
-    return model(pixel_values=batch["pixel_values"].unsqueeze(1), input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"]).logits
+    """The forward's logits. Idefics3 takes pixel_values as (batch, images per row, 3, S, S): one image per row.
+
+    Grouped batches (fewer images than caption rows; `speed.share_images` repeats the ViT's output rows) cannot go
+    through that path: Idefics3 splits the connector's output by the number of pixel rows it was given, which the
+    repetition no longer matches. For them the ViT and the connector run here, on the unwrapped model, and their rows
+    enter the forward as `mm_encoder_outputs`, the model's own way to take precomputed image features; the decoder
+    still runs through the (DDP, peft) wrapper, and the ViT's and connector's gradients flow back through the
+    features as in the one-call path."""
+    pixels, ids = batch["pixel_values"], batch["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    if pixels.shape[0] == ids.shape[0]:
+        return model(pixel_values=pixels.unsqueeze(1), **inputs).logits
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inner = _inner(getattr(model, "module", model)).model
+    hidden = inner.vision_model(pixel_values=pixels.to(inner.dtype)).last_hidden_state  # rows repeated by the hook
+    features = inner.connector(hidden)
+    image = BaseModelOutputWithPooling(pooler_output=[features.reshape(-1, features.shape[-1])])
+    return model(mm_encoder_outputs={"image": image}, **inputs).logits
 
 
 def loss_sum(model, batch: dict, *, label_smoothing: float) -> torch.Tensor:
@@ -362,7 +391,8 @@ def generate(model, processor, pixel_values: torch.Tensor, options) -> list[str]
     pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype).unsqueeze(1)
     inputs = {k: v.to(parameter.device) for k, v in
               generation_inputs(processor, pixel_values.shape[0], options.prompt).items()}
-    output = model.generate(pixel_values=pixel_values, **inputs, **options.generate_kwargs())
+    output = model.generate(pixel_values=pixel_values, **inputs, eos_token_id=end_of_turn_id(processor),
+                            **options.generate_kwargs())
     output = output[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in processor.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
@@ -390,9 +420,14 @@ def lora_pattern(targets: list[str], vision: bool) -> str:
     return pattern
 
 
-def vision_tower(model) -> None:
-    """None: grouped caption sampling does not apply (see SPEED_LEVERS)."""
-    return None
+def _inner(model):
+    # Under peft, `model.model` is the wrapped Idefics3ForConditionalGeneration, not its Idefics3Model.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def vision_tower(model) -> torch.nn.Module:
+    """The ViT: grouped caption sampling repeats its output rows (before the connector) per caption."""
+    return _inner(model).model.vision_model
 
 
 def int8_targets(model) -> dict[str, torch.nn.Module]:
@@ -444,6 +479,7 @@ image = Image.open("photo.jpg").convert("RGB")
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {instruction_of(prompt)!r}}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[[image]], text=[text], return_tensors="pt")
-output = model.generate(**inputs{kwargs})
+end_of_turn = processor.tokenizer.convert_tokens_to_ids("<end_of_utterance>")  # the reply ends there
+output = model.generate(**inputs, eos_token_id=end_of_turn{kwargs})
 print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 ```"""
