@@ -26,7 +26,7 @@ def no_java():
 
     For modules whose runs are all in-process and whose claims are relative (a run against its resume, before
     against after): under Java every validation starts the PTB tokeniser's JVM and each run's last one METEOR's
-    (~10 s), which made those modules 2-3x slower. Parity with pycocoevalcap under Java is test_metrics.py's; a
+    (~10 s), which was most of those modules' time. Parity with pycocoevalcap under Java is test_metrics.py's; a
     module comparing against `-m captune` subprocesses (which still see Java) must not use this.
     Opt in with `pytestmark = pytest.mark.usefixtures("no_java")`: module scope, so it is on before the module's
     own shared training runs."""

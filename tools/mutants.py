@@ -201,8 +201,9 @@ MUTATIONS = [
       "labels[:, :prompt_tokens] = -100", "labels[:, :1] = -100",
       ("tests/test_git.py::test_labels_cover_text_only_and_start_where_generate_starts",)),
     M("git: image tokens not masked (image-token logits predict the caption)", GIT,
-      "text_logits = logits[:, logits.shape[1] - input_ids.shape[1]:]", "text_logits = logits[:, :input_ids.shape[1]]",
-      ("tests/test_git.py::test_loss_equals_gits_own_loss_once_shifted_past_the_image_tokens",)),
+      "logits_to_keep=input_ids.shape[1]).logits", ").logits",
+      ("tests/test_git.py::test_loss_equals_gits_own_loss_once_shifted_past_the_image_tokens",),
+      more=((GIT, "return logits[:, logits.shape[1] - input_ids.shape[1]:]", "return logits[:, :input_ids.shape[1]]"),)),
 ]
 
 
