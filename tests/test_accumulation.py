@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from launch import torchrun
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -150,17 +151,9 @@ if accelerator.is_main_process:
 def test_two_processes_weigh_tokens_across_processes(tmp_path):
     """Rank 0 has 3 pairs, rank 1 one: DDP averages the two ranks' gradients, so without the world-size factor and
     the all-reduced token count rank 1's single caption would weigh three times as much as each of rank 0's."""
-    import os
-    import subprocess
-    import sys
-
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "out.pt"), str(Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun([script, tmp_path / "out.pt", Path(__file__).parent])
     result = torch.load(tmp_path / "out.pt")
 
     model, processor = load_model_and_processor("tiny")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import torchrun
 
 from captune.cli import main
 from captune.data import build_dataset
@@ -18,7 +16,6 @@ from captune.generate import GenerationOptions
 from captune.model import load_model_and_processor
 
 pytestmark = pytest.mark.slow
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 OPTIONS = GenerationOptions(num_beams=1, max_new_tokens=5, min_new_tokens=0)
 
 EVAL_SCRIPT = """
@@ -38,14 +35,6 @@ if accelerator.is_main_process:
     json.dump({"processes": accelerator.num_processes, "metrics": result.metrics,
                "predictions": result.predictions}, open(sys.argv[3], "w"))
 """
-
-
-def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 def train_args(data: Path, output: Path, batch_size: int, model: str = "tiny") -> list[str]:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch import torchrun
 
 from captune import cli
 from captune.data.synthetic import make_synthetic
@@ -173,13 +171,7 @@ def test_bad_generation_flags_and_missing_model_are_one_line_errors(setup, capsy
 @pytest.mark.slow
 def test_torchrun_two_processes_shard_and_match_one_process(setup):
     out = setup["root"] / "ddp"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "captune",
-         "eval", "--model", str(setup["run"]), "--data", str(setup["data"]), "--output", str(out), *FAST],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = torchrun(["-m", "captune", "eval", "--model", setup["run"], "--data", setup["data"], "--output", out, *FAST])
     # Only the main process prints and writes: two independent processes would print the table twice.
     assert proc.stdout.count("cider") == 1
     assert _lines(out / "predictions.jsonl") == _lines(setup["single"] / "predictions.jsonl")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun
 from safetensors.torch import load_file
 
 import captune.train
@@ -147,17 +148,9 @@ def test_scst_resume_ends_where_an_uninterrupted_run_does(data_dir, tmp_path, mo
 
 @pytest.mark.slow  # two processes under torchrun (gloo): ~30 s of start-up and collectives
 def test_scst_under_two_processes_with_accumulation(data_dir, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    src = str(Path(__file__).resolve().parents[1] / "src")
     run = tmp_path / "run"
     args = scst_args(data_dir, run, "--max-steps", "2", "--grad-accum", "2", "--batch-size", "2")[1:]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "captune", "-q", *args], env={**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(["-m", "captune", "-q", *args], timeout=600)
     train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(r["reward"] is not None for r in train)

@@ -525,6 +525,7 @@ def cmd_eval(args) -> int:
     from .metrics import format_metrics_table, guard_warnings
     from .model import load_captune_settings, load_model_and_processor
     from .speed import quantize_int8
+    from .train import settle_collectives
 
     data = build_dataset(
         args.data, data_format=args.data_format or "auto", image_root=args.image_root or "",
@@ -571,7 +572,7 @@ def cmd_eval(args) -> int:
             for warning in guard_warnings(result.metrics, images=len(result.predictions)):
                 log.warning("%s: %s", label, warning)
         log.info("wrote %s and %s", output / "metrics.json", output / "predictions.jsonl")
-    accelerator.wait_for_everyone()
+    settle_collectives(accelerator)
     accelerator.end_training()
     return 0
 

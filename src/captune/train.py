@@ -583,6 +583,7 @@ def _stopped(run: Run, interrupted: str) -> TrainResult:
     run.metrics_log.close()
     log.warning("stopped by %s at step %d; checkpoint saved in %s/checkpoints: continue with --resume",
                 interrupted, run.step, run.output)
+    settle_collectives(run.accelerator)
     run.accelerator.end_training()
     return TrainResult(output=run.output, steps=run.step, best_score=run.state["best_score"],
                        best_step=run.state["best_step"], interrupted=interrupted)
@@ -608,7 +609,7 @@ def _finish(run: Run) -> TrainResult:
     skipped = _unique(gather_object(skipped) if accelerator.num_processes > 1 else skipped)
     if run.main:
         _write_outputs(run, skipped, train_seconds)
-    accelerator.wait_for_everyone()
+    settle_collectives(accelerator)
     accelerator.end_training()
     return TrainResult(output=run.output, steps=step, best_score=run.state["best_score"],
                        best_step=run.state["best_step"], final_metrics=run.final_metrics,
@@ -841,6 +842,19 @@ def _agree(accelerator, loss_sum: torch.Tensor, tokens: torch.Tensor, stop: bool
     total, bad, signalled = local.tolist()
     count = int(tokens.item())
     return (total / count if count else None), bad > 0, signalled > 0
+
+
+def settle_collectives(accelerator) -> None:
+    """Wait for every process, then let the collectives' worker threads finish before the process group can go.
+
+    gloo's worker thread drops a finished collective's tensors after the caller already has its result, and needs
+    the GIL for that. If the last reference to the process group (DDP's reducer, freed as train() returns) goes
+    first, its destructor joins that thread while holding the GIL, and both wait forever: a two-process run that had
+    written everything then hung at exit (seen under load, py-spy: ~ProcessGroupGloo joining a thread stuck in
+    AsyncAllgatherWork's destructor waiting for the GIL). The pause releases the GIL so the thread can finish."""
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        time.sleep(0.5)
 
 
 def _unique(items: list[dict]) -> list[dict]:
