@@ -117,7 +117,7 @@ def without_dropout(preset: str, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("preset", ["tiny-blip2", "tiny-git", "tiny-paligemma", "tiny-smolvlm"])
+@pytest.mark.parametrize("preset", ["tiny-blip2", "tiny-git", "tiny-florence2", "tiny-paligemma", "tiny-smolvlm"])
 def test_other_families_train_under_two_processes_as_under_one(preset, tmp_path):
     """BLIP-2 (from a directory: its default mode freezes the language model, so DDP meets frozen parameters) and
     GIT (image tokens inside the text sequence) under torchrun: the loss is the global token mean and rank 0's final

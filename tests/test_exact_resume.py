@@ -119,7 +119,11 @@ def test_accumulation_over_an_odd_number_of_batches_resumes_exactly(tmp_path, mo
     assert_resume_is_exact(tmp_path, monkeypatch, data, "--mode", "lora", "--grad-accum", "2", stop_after=4)
 
 
-def test_florence2_lora_resumes_exactly(tmp_path, monkeypatch):
-    """Florence-2 (encoder-decoder, BART's dropout 0.1 besides LoRA's): killed mid-epoch and resumed, the same run."""
+@pytest.mark.parametrize("preset, extra", [("tiny-florence2", ()), ("tiny-blip2", ("--grad-accum", "2")),
+                                           ("tiny-blip2-t5", ("--grad-accum", "2"))])
+def test_other_families_lora_resume_exactly(preset, extra, tmp_path, monkeypatch):
+    """Florence-2 (encoder-decoder, BART's dropout 0.1 besides LoRA's) and BLIP-2 with both language models (OPT,
+    Flan-T5), with accumulation: killed mid-epoch and resumed, the same run. (GIT, PaliGemma and SmolVLM: their
+    test modules.)"""
     data = train_only(tmp_path / "data", 16)
-    assert_resume_is_exact(tmp_path, monkeypatch, data, "--mode", "lora", "--model", "tiny-florence2")
+    assert_resume_is_exact(tmp_path, monkeypatch, data, "--mode", "lora", "--model", preset, *extra)
