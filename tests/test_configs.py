@@ -23,6 +23,7 @@ def test_recipes_exist():
                                         "blip_large.yaml", "coco_karpathy.yaml"}
     assert {p.name for p in RECIPES} >= {"florence2_base_coco.yaml", "florence2_large_lora_24gb.yaml"}
     assert {p.name for p in RECIPES} >= {"paligemma_3b_coco.yaml", "paligemma_3b_lora_24gb.yaml"}
+    assert {p.name for p in RECIPES} >= {"smolvlm_256m_detailed.yaml", "smolvlm_500m_lora.yaml"}
     assert {p.name for p in LAUNCH} >= {"ddp.yaml", "fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"}
 
 
