@@ -57,6 +57,10 @@ TRAIN, SERVE = "src/captune/train.py", "src/captune/serve.py"
 FLORENCE_LABELS = ("tests/test_florence2.py::"
                    "test_encoder_input_is_the_processors_task_prompt_and_labels_are_decoder_targets")
 BLIP2_LABELS = "tests/test_blip2.py::test_labels_mask_placeholders_prompt_padding_and_start_where_generate_starts"
+PALI, SMOL = "src/captune/models/paligemma.py", "src/captune/models/smolvlm.py"
+PALI_ROWS = "tests/test_paligemma.py::test_rows_equal_the_processors_suffix_rows_and_labels_mask_all_but_the_caption"
+PALI_LOSS = "tests/test_paligemma.py::test_loss_equals_the_models_own_and_depends_on_the_image_and_the_prefix_block"
+SMOL_LABELS = "tests/test_smolvlm.py::test_labels_are_the_assistant_reply_alone_token_by_token"
 OPTIONS_TEST = "tests/test_train_options.py::test_smoothing_augment_normalize_and_pixel_limit_reach_training"
 
 MUTATIONS = [
@@ -189,6 +193,66 @@ MUTATIONS = [
       "labels = decoder_input_ids.masked_fill(decoder_attention_mask == 0, IGNORE_INDEX)",
       "labels = decoder_input_ids.clone()",
       (BLIP2_LABELS,)),
+    # PaliGemma: one decoder over [image tokens] <bos> prefix \n caption <eos>; token_type_ids 0 mark the
+    # bidirectional prefix block (and make the labels), so dropping or shifting them is a bug of its own.
+    M("paligemma: first text token not <bos>", PALI,
+      'return tokenizer(tokenizer.bos_token + prefix_of(prompt) + "\\n", add_special_tokens=False)["input_ids"]',
+      'return tokenizer(prefix_of(prompt) + "\\n", add_special_tokens=False)["input_ids"]',
+      (PALI_ROWS,)),
+    M("paligemma: generation prompt lacks the \"\\n\" after the prefix", PALI,
+      "_seq_length(processor) + prefix_ids(processor.tokenizer, prompt))",
+      "_seq_length(processor) + prefix_ids(processor.tokenizer, prompt)[:-1])",
+      (PALI_ROWS,)),
+    M("paligemma: pads not -100 (token_type_ids 1 on padding)", PALI,
+      "token_type_ids[row, len(head):end] = 1", "token_type_ids[row, len(head):] = 1",
+      (PALI_ROWS,)),
+    M("paligemma: prefix not masked (labels from attention_mask)", PALI,
+      "labels = input_ids.masked_fill(token_type_ids == 0, IGNORE_INDEX)",
+      "labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)",
+      (PALI_ROWS,)),
+    M("paligemma: image tokens not masked", PALI,
+      "labels = input_ids.masked_fill(token_type_ids == 0, IGNORE_INDEX)",
+      "labels = input_ids.masked_fill((token_type_ids == 0) & (input_ids != processor.image_token_id), "
+      "IGNORE_INDEX)",
+      (PALI_ROWS,)),
+    M("paligemma: loss labels not shifted past the image tokens", PALI,
+      'return logits, batch["labels"][:, images:]', 'return logits, batch["labels"][:, :keep]',
+      (PALI_LOSS,)),
+    M("paligemma: token_type_ids not passed to the forward (prefix attends causally)", PALI,
+      'attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],',
+      'attention_mask=batch["attention_mask"],',
+      (PALI_LOSS,)),
+    M("paligemma: token_type_ids 1 from the \"\\n\" on (prefix block one short)", PALI,
+      "token_type_ids[row, len(head):end] = 1", "token_type_ids[row, len(head) - 1:end] = 1",
+      (PALI_ROWS,)),
+    M("paligemma: generation prompt without token_type_ids", PALI,
+      '"attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}',
+      '"attention_mask": torch.ones_like(ids)}',
+      (PALI_ROWS,)),
+    # SmolVLM: a chat-template row; everything before the assistant's reply (role markers, image tokens, the
+    # instruction, the generation prompt "Assistant:") is -100.
+    M("smolvlm: generation prompt missing (\"Assistant:\" becomes a label, generate() starts in the user turn)", SMOL,
+      "return processor.apply_chat_template(messages(prompt), add_generation_prompt=True, tokenize=False)",
+      "return processor.apply_chat_template(messages(prompt), add_generation_prompt=False, tokenize=False)",
+      (SMOL_LABELS,)),
+    M("smolvlm: generation prompt's <image> not expanded (generate() starts from another context)", SMOL,
+      "ids = torch.tensor(prompt_ids(processor, prompt)).expand(batch, -1).clone()",
+      'ids = torch.tensor(processor.tokenizer(prompt_text(processor, prompt), add_special_tokens=False)["input_ids"])'
+      ".expand(batch, -1).clone()",
+      (SMOL_LABELS,)),
+    M("smolvlm: pads not -100", SMOL,
+      "labels[row, len(head):end] = torch.tensor(reply)", "labels[row, len(head):] = input_ids[row, len(head):]",
+      (SMOL_LABELS,)),
+    M("smolvlm: instruction and role markers not masked (only image tokens and pads -100)", SMOL,
+      "labels[row, len(head):end] = torch.tensor(reply)",
+      "labels[row, :end] = input_ids[row, :end].masked_fill(input_ids[row, :end] == processor.image_token_id, "
+      "IGNORE_INDEX)",
+      (SMOL_LABELS,)),
+    M("smolvlm: image tokens not masked", SMOL,
+      "labels[row, len(head):end] = torch.tensor(reply)",
+      "labels[row, len(head):end] = torch.tensor(reply)\n"
+      "        labels[row][input_ids[row] == processor.image_token_id] = processor.image_token_id",
+      (SMOL_LABELS,)),
     M("git: first token not [CLS]", GIT,
       'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]',
       'input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]; '
