@@ -130,7 +130,7 @@ from accelerate import Accelerator
 sys.path.insert(0, sys.argv[2])
 from test_accumulation import grads, micro_batches
 from captune.model import load_model_and_processor
-from captune.train import backward_window
+from captune.train import backward_window, settle_collectives
 
 accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
 model, processor = load_model_and_processor("tiny")
@@ -144,6 +144,7 @@ loss_sum, tokens, pairs = backward_window(accelerator, model, accelerator.unwrap
 total = accelerator.reduce(loss_sum, reduction="sum")
 if accelerator.is_main_process:
     torch.save({"grads": grads(accelerator.unwrap_model(model)), "loss": (total / tokens).item()}, sys.argv[1])
+settle_collectives(accelerator)  # as train() ends: exiting with gloo work in flight aborted a rank (SIGABRT)
 """
 
 

@@ -25,6 +25,7 @@ from captune.data import build_dataset
 from captune.evaluate import evaluate
 from captune.generate import GenerationOptions
 from captune.model import load_model_and_processor
+from captune.train import settle_collectives
 
 accelerator = Accelerator(cpu=True)
 samples = build_dataset(sys.argv[1]).validation
@@ -34,6 +35,7 @@ result = evaluate(model, processor, samples, GenerationOptions(num_beams=1, max_
 if accelerator.is_main_process:
     json.dump({"processes": accelerator.num_processes, "metrics": result.metrics,
                "predictions": result.predictions}, open(sys.argv[3], "w"))
+settle_collectives(accelerator)
 """
 
 
