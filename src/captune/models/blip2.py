@@ -25,7 +25,6 @@ checkpoints: ViT and Q-Former train, the language model stays frozen) and LoRA o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -37,7 +36,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Proces
 
 from ..errors import CaptuneError
 from .blip import check_loading_info, image_processor
-from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
+from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, native_sdpa_forward
+from .common import target_tokens as _target_tokens
 
 log = logging.getLogger("captune")
 
@@ -421,27 +421,9 @@ def int8_targets(model) -> dict[str, torch.nn.Module]:
 _NATIVE_SDPA = ("Blip2Attention", "Blip2QFormerMultiHeadAttention", "OPTAttention", "T5Attention")
 
 
-@contextlib.contextmanager
-def _attention(config, implementation: str):
-    previous = config._attn_implementation
-    config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = previous
-
-
 def sdpa_forward(module):
     """SDPA for BLIP-2's ViT, Q-Former, OPT and T5 attention (transformers' own sdpa path); None elsewhere."""
-    if type(module).__name__ not in _NATIVE_SDPA or not hasattr(module, "config"):
-        return None
-    eager = type(module).forward
-
-    def forward(self, *args, **kwargs):
-        with _attention(self.config, "sdpa"):
-            return eager(self, *args, **kwargs)
-
-    return forward
+    return native_sdpa_forward(module, _NATIVE_SDPA)
 
 
 def usage_snippet(prompt: str, generation: dict) -> str:

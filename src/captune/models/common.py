@@ -1,6 +1,9 @@
-"""Pieces every family shares: the ignored-label value and the shifted caption loss."""
+"""Pieces every family shares: the ignored-label value, the shifted caption loss, and the SDPA switch for
+attention modules transformers already implements with SDPA."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -50,3 +53,29 @@ def mean_loss(family, model, batch: dict, *, label_smoothing: float = 0.0) -> to
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _attention(config, implementation: str):
+    previous = config._attn_implementation
+    config._attn_implementation_internal = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = previous
+
+
+def native_sdpa_forward(module, class_names: tuple[str, ...]):
+    """A forward for `module` that runs its own forward with `config._attn_implementation` switched to "sdpa" for
+    the call, when its class is one of `class_names` (transformers attention modules that read that setting on every
+    call, so SDPA is theirs); None for any other module. The families whose attention is native SDPA (BLIP-2,
+    PaliGemma, SmolVLM) use it as their `sdpa_forward`."""
+    if type(module).__name__ not in class_names or not hasattr(module, "config"):
+        return None
+    eager = type(module).forward
+
+    def forward(self, *args, **kwargs):
+        with _attention(self.config, "sdpa"):
+            return eager(self, *args, **kwargs)
+
+    return forward

@@ -29,7 +29,6 @@ when first called; `load` sets it from the model's vision config, `check_process
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
@@ -38,7 +37,8 @@ from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGe
 
 from ..errors import CaptuneError
 from .blip import check_loading_info
-from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
+from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, native_sdpa_forward
+from .common import target_tokens as _target_tokens
 
 NAME = "paligemma"
 TITLE = "PaliGemma"
@@ -381,27 +381,9 @@ def int8_targets(model) -> dict[str, torch.nn.Module]:
 _NATIVE_SDPA = ("GemmaAttention", "Gemma2Attention", "SiglipAttention")
 
 
-@contextlib.contextmanager
-def _attention(config, implementation: str):
-    previous = config._attn_implementation
-    config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = previous
-
-
 def sdpa_forward(module):
     """SDPA for PaliGemma's Gemma and SigLIP attention modules (transformers' own sdpa path); None elsewhere."""
-    if type(module).__name__ not in _NATIVE_SDPA or not hasattr(module, "config"):
-        return None
-    eager = type(module).forward
-
-    def forward(self, *args, **kwargs):
-        with _attention(self.config, "sdpa"):
-            return eager(self, *args, **kwargs)
-
-    return forward
+    return native_sdpa_forward(module, _NATIVE_SDPA)
 
 
 def usage_snippet(prompt: str, generation: dict) -> str:

@@ -32,7 +32,6 @@ by up to 17 and give each image its own number of rows).
 
 from __future__ import annotations
 
-import contextlib
 import re
 from pathlib import Path
 
@@ -41,7 +40,8 @@ from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefi
 
 from ..errors import CaptuneError
 from .blip import check_loading_info
-from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, target_tokens as _target_tokens
+from .common import IGNORE_INDEX, caption_loss_sum, caption_sequence_nll, first_line, native_sdpa_forward
+from .common import target_tokens as _target_tokens
 
 NAME = "smolvlm"
 TITLE = "SmolVLM (Idefics3)"
@@ -440,27 +440,9 @@ def int8_targets(model) -> dict[str, torch.nn.Module]:
 _NATIVE_SDPA = ("LlamaAttention", "Idefics3VisionAttention")
 
 
-@contextlib.contextmanager
-def _attention(config, implementation: str):
-    previous = config._attn_implementation
-    config._attn_implementation_internal = implementation
-    try:
-        yield
-    finally:
-        config._attn_implementation_internal = previous
-
-
 def sdpa_forward(module):
     """SDPA for Idefics3's Llama and vision attention modules (transformers' own sdpa path); None elsewhere."""
-    if type(module).__name__ not in _NATIVE_SDPA or not hasattr(module, "config"):
-        return None
-    eager = type(module).forward
-
-    def forward(self, *args, **kwargs):
-        with _attention(self.config, "sdpa"):
-            return eager(self, *args, **kwargs)
-
-    return forward
+    return native_sdpa_forward(module, _NATIVE_SDPA)
 
 
 def usage_snippet(prompt: str, generation: dict) -> str:
